@@ -1,0 +1,145 @@
+"""A typed Kubernetes client for tests, and waits built on watches (never sleeps)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+
+
+@dataclass
+class Kube:
+    """Typed API groups bound to one cluster's kubeconfig."""
+
+    api: client.ApiClient
+    kubeconfig: Path
+
+    @classmethod
+    def from_kubeconfig(cls, path: Path) -> Kube:
+        return cls(config.new_client_from_config(config_file=str(path)), path)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        return client.RbacAuthorizationV1Api(self.api)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def version(self) -> client.VersionApi:
+        return client.VersionApi(self.api)
+
+
+class WaitTimeout(AssertionError):
+    """What was awaited did not happen in time; carries the last state seen."""
+
+
+def wait_for(
+    list_fn: Callable[..., Any],
+    predicate: Callable[[Any], bool],
+    *,
+    timeout: float,
+    describe: str = "condition",
+    **list_kwargs: Any,
+) -> Any:
+    """Return the first object listed by `list_fn(**list_kwargs)` that satisfies `predicate`.
+
+    Lists once, then watches from that list's resourceVersion until an added
+    or modified object satisfies the predicate or `timeout` seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    listing = list_fn(**list_kwargs)
+    last: Any = None
+    for item in listing.items:
+        last = item
+        if predicate(item):
+            return item
+    resource_version = listing.metadata.resource_version
+    while (remaining := deadline - time.monotonic()) > 0:
+        stream = watch.Watch().stream(
+            list_fn,
+            resource_version=resource_version,
+            timeout_seconds=max(1, int(remaining)),
+            **list_kwargs,
+        )
+        for event in stream:
+            obj = event["object"]
+            resource_version = obj.metadata.resource_version
+            if event["type"] in ("ADDED", "MODIFIED"):
+                last = obj
+                if predicate(obj):
+                    return obj
+            if time.monotonic() > deadline:
+                break
+    raise WaitTimeout(f"timed out after {timeout}s waiting for {describe}; last seen: {last}")
+
+
+def wait_gone(
+    list_fn: Callable[..., Any], *, timeout: float, describe: str = "objects", **list_kwargs: Any
+) -> None:
+    """Wait until `list_fn(**list_kwargs)` lists nothing (watching DELETED events)."""
+    deadline = time.monotonic() + timeout
+    listing = list_fn(**list_kwargs)
+    present = {item.metadata.uid for item in listing.items}
+    resource_version = listing.metadata.resource_version
+    while present and (remaining := deadline - time.monotonic()) > 0:
+        stream = watch.Watch().stream(
+            list_fn,
+            resource_version=resource_version,
+            timeout_seconds=max(1, int(remaining)),
+            **list_kwargs,
+        )
+        for event in stream:
+            obj = event["object"]
+            resource_version = obj.metadata.resource_version
+            if event["type"] == "DELETED":
+                present.discard(obj.metadata.uid)
+            elif event["type"] == "ADDED":
+                present.add(obj.metadata.uid)
+            if not present or time.monotonic() > deadline:
+                break
+    if present:
+        raise WaitTimeout(
+            f"timed out after {timeout}s waiting for {describe} to go; {len(present)} left"
+        )
+
+
+def observe_unchanged(
+    list_fn: Callable[..., Any],
+    changed: Callable[[Any], bool],
+    *,
+    seconds: float,
+    **list_kwargs: Any,
+) -> None:
+    """Assert that, for `seconds`, no listed object satisfies `changed` (bounded watch)."""
+    listing = list_fn(**list_kwargs)
+    for item in listing.items:
+        assert not changed(item), f"unexpected state: {item}"
+    stream = watch.Watch().stream(
+        list_fn,
+        resource_version=listing.metadata.resource_version,
+        timeout_seconds=max(1, int(seconds)),
+        **list_kwargs,
+    )
+    deadline = time.monotonic() + seconds
+    for event in stream:
+        assert not changed(event["object"]), f"unexpected state: {event['object']}"
+        if time.monotonic() > deadline:
+            break
