@@ -2,7 +2,8 @@
 # Creates (once) the project's Python environment and prints its folder.
 #
 # The environment lives in ~/.cache/kubetune/venv/<key>, where <key> hashes
-# uv.lock and pyproject.toml: it is reused while the lock is unchanged and
+# uv.lock (which records pyproject's requirements): it is reused while the lock
+# is unchanged and
 # shared by every checkout. The project itself is not installed into it
 # (checkouts put their own source on PYTHONPATH), so two clones never fight
 # over one editable install.
@@ -25,12 +26,14 @@ if [ ! -x "$uv_home/bin/uv" ]; then
   "$uv_home/bin/pip" install --quiet --disable-pip-version-check "uv==$UV_VERSION"
 fi
 
-key=$(cat "$root/uv.lock" "$root/pyproject.toml" | sha256sum | cut -c1-16)
+key=$(sha256sum <"$root/uv.lock" | cut -c1-16)
 venv="$cache/venv/$key"
 if [ ! -f "$venv/.complete" ]; then
   echo "[python-env] creating $venv (first time: downloads torch and friends)" >&2
   export UV_CACHE_DIR="$cache/uv-cache" UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT="$venv"
   (cd "$root" && "$uv_home/bin/uv" sync --locked --all-extras --no-install-project --python "$python" --quiet)
   touch "$venv/.complete"
+  # Keep the three most recent environments (several GB each).
+  ls -1dt "$cache"/venv/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 fi
 echo "$venv"

@@ -1,0 +1,144 @@
+"""The contract between the operator and the trainer.
+
+The operator renders a `TrainerConfig` from a FineTuningJob into a ConfigMap
+mounted in the trainer's pod; `kubetune train --local` builds the same object
+from a manifest. The trainer reports back through two channels that need no
+rights over FineTuningJobs:
+
+* a per-job "report" ConfigMap that only that job's ServiceAccount may update
+  (keys `progress`, `validation` and `result`, each a JSON document below);
+* its container's termination message (`/dev/termination-log`), a
+  `TrainerTermination` document, which the kubelet publishes in the pod
+  status even when the API server cannot be reached.
+
+Exit codes say whether a failure is worth retrying.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import Field
+
+from kubetune.api.common import ApiModel
+from kubetune.api.finetuningjob import FineTuningJobSpec, ResolvedHyperparameters
+
+# Exit codes (sysexits.h). The Job's podFailurePolicy fails the job at once on
+# these, without retries: running again cannot fix bad input.
+EXIT_INVALID_CONFIG = 64  # EX_USAGE: the configuration cannot be used
+EXIT_INVALID_DATASET = 65  # EX_DATAERR: the dataset is malformed
+EXIT_INPUT_NOT_FOUND = 66  # EX_NOINPUT: the model or dataset does not exist
+NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATASET, EXIT_INPUT_NOT_FOUND)
+
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+
+REPORT_PROGRESS_KEY = "progress"
+REPORT_VALIDATION_KEY = "validation"
+REPORT_RESULT_KEY = "result"
+
+
+class TrainerMode(StrEnum):
+    VALIDATE = "validate"  # check the dataset only (CPU pod, before GPUs are requested)
+    TRAIN = "train"
+
+
+class JobIdentity(ApiModel):
+    """The FineTuningJob a trainer works for."""
+
+    name: str = Field(description="FineTuningJob name.")
+    namespace: str = Field(default="default", description="FineTuningJob namespace.")
+    uid: str = Field(default="", description="FineTuningJob UID.")
+    generation: int = Field(default=1, description="Spec generation.")
+
+
+class TrainerPaths(ApiModel):
+    """Local paths where the trainer finds its inputs and writes its output."""
+
+    base_model: str | None = Field(
+        default=None, description="Folder of the base model (else the Hub)."
+    )
+    dataset: str | None = Field(default=None, description="Dataset file or folder (file formats).")
+    output: str = Field(description="Folder for checkpoints and the trained model.")
+    cache: str | None = Field(default=None, description="Hugging Face cache folder.")
+
+
+class ReportTarget(ApiModel):
+    """Where the trainer reports progress and results."""
+
+    config_map: str | None = Field(
+        default=None, description="Report ConfigMap in the job's namespace."
+    )
+    file: str | None = Field(default=None, description="Local JSON file (local runs).")
+
+
+class TrainerConfig(ApiModel):
+    """Everything the trainer needs: the job's spec with every auto resolved."""
+
+    job: JobIdentity = Field(description="The job.")
+    spec: FineTuningJobSpec = Field(description="The FineTuningJob's spec as written.")
+    hyperparameters: ResolvedHyperparameters = Field(description="Resolved hyperparameters to use.")
+    paths: TrainerPaths = Field(description="Input and output locations.")
+    report: ReportTarget = Field(default_factory=ReportTarget, description="Where to report.")
+
+
+class ProgressReport(ApiModel):
+    """Progress, reported every few steps."""
+
+    step: int = Field(ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(ge=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0.0, ge=0, description="Epochs done.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest validation loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(default=None, description="Real tokens per second.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    timestamp: datetime = Field(description="When this was measured.")
+
+
+class ValidationReport(ApiModel):
+    """What the dataset check found (mode validate)."""
+
+    rows_read: int = Field(ge=0, description="Rows read from the source.")
+    rows_kept: int = Field(ge=0, description="Rows left after preprocessing.")
+    train_rows: int = Field(ge=0, description="Rows for training.")
+    eval_rows: int = Field(ge=0, description="Rows for evaluation.")
+    tokens: int = Field(default=0, ge=0, description="Tokens in the training rows.")
+    digest: str = Field(description="sha256 of the prepared dataset.")
+    steps: list[str] = Field(default_factory=list, description="One line per preprocessing step.")
+
+
+class ResultArtifact(ApiModel):
+    """The trained model, relative to the output volume."""
+
+    path: str = Field(description="Folder of the model, relative to the output location.")
+    kind: str = Field(description="adapter, full or merged.")
+    digest: str = Field(description="sha256:<hex> over the weight files.")
+    merged_path: str | None = Field(
+        default=None, description="Folder of the merged model, if saved."
+    )
+
+
+class ResultReport(ApiModel):
+    """The outcome of a successful run."""
+
+    artifact: ResultArtifact = Field(description="What was written.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics.")
+    dataset_digest: str = Field(default="", description="sha256 of the prepared dataset.")
+    completed_at: datetime = Field(description="When training finished.")
+
+
+class ErrorReport(ApiModel):
+    """A failure the trainer understood: what is wrong and how to fix it."""
+
+    reason: str = Field(description="InvalidDataset, InvalidConfig, InputNotFound or TrainerError.")
+    message: str = Field(description="What is wrong, naming the field or row, and the fix.")
+
+
+class TrainerTermination(ApiModel):
+    """The termination message: the result or the error, in at most 4096 bytes."""
+
+    result: ResultReport | None = Field(default=None, description="On success.")
+    validation: ValidationReport | None = Field(default=None, description="After a dataset check.")
+    error: ErrorReport | None = Field(default=None, description="On failure.")
