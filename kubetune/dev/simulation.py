@@ -5,13 +5,14 @@ object and write its next status. The stages here keep nodes Ready and move
 pods through their lifecycle, steered per pod by annotations so that a test
 can pick the outcome a real kubelet would report:
 
-    sim.kubetune.dev/outcome    succeed (default) | fail | oom | run
+    sim.kubetune.dev/outcome    succeed (default) | fail | oom | run | image-pull
     sim.kubetune.dev/duration   how long the container runs first (Go duration, default 1s)
     sim.kubetune.dev/exit-code  exit code for `fail` (default 1)
     sim.kubetune.dev/message    the container's termination message
 
 Only pods that can end (restartPolicy Never or OnFailure) end; `run` and
-restartPolicy Always keep a pod running until it is deleted.
+restartPolicy Always keep a pod running until it is deleted; `image-pull`
+keeps it Pending in ImagePullBackOff.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DURATION = ANNOTATION_PREFIX + "duration"
 EXIT_CODE = ANNOTATION_PREFIX + "exit-code"
 MESSAGE = ANNOTATION_PREFIX + "message"
 
-OUTCOMES = ("succeed", "fail", "oom", "run")
+OUTCOMES = ("succeed", "fail", "oom", "run", "image-pull")
 
 STAGE_API_VERSION = "kwok.x-k8s.io/v1alpha1"
 
@@ -218,14 +219,68 @@ containerStatuses:
 """
 
 
-def _pod_terminated(phase: str, exit_code: str, reason: str) -> str:
+_TERMINATED_CONDITIONS = """\
+conditions:
+- type: PodReadyToStartContainers
+  status: "False"
+  lastTransitionTime: {{ $now | Quote }}
+- type: Initialized
+  status: "True"
+  lastTransitionTime: {{ $now | Quote }}
+- type: ContainersReady
+  status: "False"
+  reason: PodCompleted
+  lastTransitionTime: {{ $now | Quote }}
+- type: Ready
+  status: "False"
+  reason: PodCompleted
+  lastTransitionTime: {{ $now | Quote }}
+"""
+
+_POD_IMAGE_PULL_BACKOFF = """\
+{{ $now := Now }}
+phase: Pending
+conditions:
+- type: PodScheduled
+  status: "True"
+  lastTransitionTime: {{ $now | Quote }}
+- type: Initialized
+  status: "True"
+  lastTransitionTime: {{ $now | Quote }}
+- type: ContainersReady
+  status: "False"
+  reason: ContainersNotReady
+  lastTransitionTime: {{ $now | Quote }}
+- type: Ready
+  status: "False"
+  reason: ContainersNotReady
+  lastTransitionTime: {{ $now | Quote }}
+containerStatuses:
+{{ range .spec.containers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  imageID: ""
+  ready: false
+  started: false
+  restartCount: 0
+  state:
+    waiting:
+      reason: ImagePullBackOff
+      message: {{ printf "Back-off pulling image %q: not found" .image | Quote }}
+{{ end }}
+"""
+
+
+def _pod_terminated(phase: str, exit_code: str, reason: str, *, conditions: bool = True) -> str:
     """Status template for a pod whose containers all ended.
 
     The first container carries the outcome (exit code, reason, termination
     message); any sidecars end cleanly, as they would when the main one exits.
     `exit_code` is a template pipeline; it is evaluated before `range`, which
-    rebinds the template's dot to each container.
+    rebinds the template's dot to each container. Without `conditions`, the
+    pod's conditions are left as they are (an evicted pod keeps DisruptionTarget).
     """
+    pod_conditions = _TERMINATED_CONDITIONS if conditions else ""
     return f"""\
 {{{{ $now := Now }}}}
 {{{{ $pod := . }}}}
@@ -233,22 +288,7 @@ def _pod_terminated(phase: str, exit_code: str, reason: str) -> str:
 {{{{ $message := index $annotations "{MESSAGE}" }}}}
 {{{{ $exitCode := {exit_code} }}}}
 phase: {phase}
-conditions:
-- type: PodReadyToStartContainers
-  status: "False"
-  lastTransitionTime: {{{{ $now | Quote }}}}
-- type: Initialized
-  status: "True"
-  lastTransitionTime: {{{{ $now | Quote }}}}
-- type: ContainersReady
-  status: "False"
-  reason: PodCompleted
-  lastTransitionTime: {{{{ $now | Quote }}}}
-- type: Ready
-  status: "False"
-  reason: PodCompleted
-  lastTransitionTime: {{{{ $now | Quote }}}}
-containerStatuses:
+{pod_conditions}containerStatuses:
 {{{{ range $i, $c := .spec.containers }}}}
 - name: {{{{ $c.name | Quote }}}}
   image: {{{{ $c.image | Quote }}}}
@@ -313,23 +353,74 @@ def pod_stages() -> list[dict[str, Any]]:
                         alive,
                         {"key": ".spec.nodeName", "operator": "Exists"},
                         {"key": ".status.phase", "operator": "In", "values": ["Pending"]},
+                        {
+                            "key": _annotation(OUTCOME),
+                            "operator": "NotIn",
+                            "values": ["image-pull"],
+                        },
                     ]
                 },
                 "next": {"statusTemplate": _POD_RUNNING},
+            },
+        ),
+        _stage(
+            "pod-image-pull-backoff",
+            "Pod",
+            {
+                "selector": {
+                    "matchExpressions": [
+                        alive,
+                        {"key": ".spec.nodeName", "operator": "Exists"},
+                        {"key": ".status.phase", "operator": "In", "values": ["Pending"]},
+                        {"key": _annotation(OUTCOME), "operator": "In", "values": ["image-pull"]},
+                        {
+                            "key": ".status.containerStatuses.[].state.waiting.reason",
+                            "operator": "NotIn",
+                            "values": ["ImagePullBackOff"],
+                        },
+                    ]
+                },
+                "next": {"statusTemplate": _POD_IMAGE_PULL_BACKOFF},
             },
         ),
         ending("pod-succeed-by-default", None, "Succeeded", "0", "Completed"),
         ending("pod-succeed", ["succeed"], "Succeeded", "0", "Completed"),
         ending("pod-fail", ["fail"], "Failed", exit_code_from_annotation, "Error"),
         ending("pod-oom", ["oom"], "Failed", "137", "OOMKilled"),
-        # A kubelet removes a terminating pod once its containers stopped.
+        # A kubelet stops a deleted pod's containers (SIGTERM: exit 143) and
+        # reports it Failed, so that controllers holding finalizers on it (the
+        # Job controller) count it and let go; then the pod is removed.
+        _stage(
+            "pod-stop",
+            "Pod",
+            {
+                "selector": {
+                    "matchExpressions": [
+                        {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+                        {
+                            "key": ".status.phase",
+                            "operator": "In",
+                            "values": ["Pending", "Running"],
+                        },
+                    ]
+                },
+                "next": {
+                    "statusTemplate": _pod_terminated("Failed", "143", "Error", conditions=False)
+                },
+            },
+        ),
         _stage(
             "pod-delete",
             "Pod",
             {
                 "selector": {
                     "matchExpressions": [
-                        {"key": ".metadata.deletionTimestamp", "operator": "Exists"}
+                        {"key": ".metadata.deletionTimestamp", "operator": "Exists"},
+                        {
+                            "key": ".status.phase",
+                            "operator": "NotIn",
+                            "values": ["Pending", "Running"],
+                        },
                     ]
                 },
                 "next": {"delete": True},

@@ -47,6 +47,39 @@ class Kube:
         return client.VersionApi(self.api)
 
 
+def _items(listing: Any) -> list[Any]:
+    return listing["items"] if isinstance(listing, dict) else listing.items
+
+
+def _list_version(listing: Any) -> str:
+    return (
+        listing["metadata"]["resourceVersion"]
+        if isinstance(listing, dict)
+        else listing.metadata.resource_version
+    )
+
+
+def _version(obj: Any) -> str:
+    return (
+        obj["metadata"]["resourceVersion"]
+        if isinstance(obj, dict)
+        else obj.metadata.resource_version
+    )
+
+
+def _uid(obj: Any) -> str:
+    return obj["metadata"]["uid"] if isinstance(obj, dict) else obj.metadata.uid
+
+
+def _brief(obj: Any) -> Any:
+    """What matters of an object in a failure message: its name and status."""
+    if isinstance(obj, dict):
+        return {"name": obj.get("metadata", {}).get("name"), "status": obj.get("status")}
+    if obj is not None and hasattr(obj, "status"):
+        return {"name": obj.metadata.name, "status": obj.status}
+    return obj
+
+
 class WaitTimeout(AssertionError):
     """What was awaited did not happen in time; carries the last state seen."""
 
@@ -67,11 +100,11 @@ def wait_for(
     deadline = time.monotonic() + timeout
     listing = list_fn(**list_kwargs)
     last: Any = None
-    for item in listing.items:
+    for item in _items(listing):
         last = item
         if predicate(item):
             return item
-    resource_version = listing.metadata.resource_version
+    resource_version = _list_version(listing)
     while (remaining := deadline - time.monotonic()) > 0:
         stream = watch.Watch().stream(
             list_fn,
@@ -81,14 +114,16 @@ def wait_for(
         )
         for event in stream:
             obj = event["object"]
-            resource_version = obj.metadata.resource_version
+            resource_version = _version(obj)
             if event["type"] in ("ADDED", "MODIFIED"):
                 last = obj
                 if predicate(obj):
                     return obj
             if time.monotonic() > deadline:
                 break
-    raise WaitTimeout(f"timed out after {timeout}s waiting for {describe}; last seen: {last}")
+    raise WaitTimeout(
+        f"timed out after {timeout}s waiting for {describe}; last seen: {_brief(last)}"
+    )
 
 
 def wait_gone(
@@ -97,8 +132,8 @@ def wait_gone(
     """Wait until `list_fn(**list_kwargs)` lists nothing (watching DELETED events)."""
     deadline = time.monotonic() + timeout
     listing = list_fn(**list_kwargs)
-    present = {item.metadata.uid for item in listing.items}
-    resource_version = listing.metadata.resource_version
+    present = {_uid(item) for item in _items(listing)}
+    resource_version = _list_version(listing)
     while present and (remaining := deadline - time.monotonic()) > 0:
         stream = watch.Watch().stream(
             list_fn,
@@ -108,11 +143,11 @@ def wait_gone(
         )
         for event in stream:
             obj = event["object"]
-            resource_version = obj.metadata.resource_version
+            resource_version = _version(obj)
             if event["type"] == "DELETED":
-                present.discard(obj.metadata.uid)
+                present.discard(_uid(obj))
             elif event["type"] == "ADDED":
-                present.add(obj.metadata.uid)
+                present.add(_uid(obj))
             if not present or time.monotonic() > deadline:
                 break
     if present:
@@ -130,11 +165,11 @@ def observe_unchanged(
 ) -> None:
     """Assert that, for `seconds`, no listed object satisfies `changed` (bounded watch)."""
     listing = list_fn(**list_kwargs)
-    for item in listing.items:
+    for item in _items(listing):
         assert not changed(item), f"unexpected state: {item}"
     stream = watch.Watch().stream(
         list_fn,
-        resource_version=listing.metadata.resource_version,
+        resource_version=_list_version(listing),
         timeout_seconds=max(1, int(seconds)),
         **list_kwargs,
     )

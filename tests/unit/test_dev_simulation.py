@@ -89,7 +89,7 @@ def test_every_outcome_has_a_stage_except_run() -> None:
         for expression in stage["spec"].get("selector", {}).get("matchExpressions", []):
             if expression["key"] == f'.metadata.annotations["{simulation.OUTCOME}"]':
                 steered.update(expression.get("values", ["<unset>"]))
-    assert steered == {"<unset>", "succeed", "fail", "oom"}
+    assert steered == {"<unset>", "succeed", "fail", "oom", "image-pull"}
 
 
 def test_stage_status_templates_are_valid_yaml_shapes() -> None:
