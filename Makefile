@@ -38,6 +38,19 @@ cluster-up: tools env ## Start the local cluster (kubeconfig under ~/.cache/kube
 cluster-down: env ## Stop the local cluster and delete its state
 	@$(PY) -m kubetune dev down
 
+.PHONY: crds
+crds: env ## Regenerate crds/ from the API models
+	@$(PY) -m kubetune.api.crd crds
+
+.PHONY: operator
+operator: env ## Run the operator against the local cluster
+	@$(PY) -m kubetune operator --kubeconfig "$$($(PY) -m kubetune dev kubeconfig)"
+
+.PHONY: bench
+bench: tools env ## Run the benchmarks (operator scale, trainer throughput)
+	@$(PY) bench/operator_scale.py
+	@$(PY) bench/trainer_throughput.py
+
 .PHONY: lint
 lint: env ## Check formatting and lint with ruff
 	@"$(PYTHON_ENV)/bin/ruff" format --check .

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,11 @@ import pytest
 from kubernetes import client
 
 from kubetune.dev.cluster import LocalCluster, cache_dir
+from kubetune.dev.tools import ensure_tools
 from tests.support.kube import Kube
+from tests.support.operator import OperatorProcess
+
+REPO = Path(__file__).resolve().parents[2]
 
 TEST_CLUSTER_PREFIX = "test-"
 
@@ -93,3 +98,66 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
         # Not awaited: the namespace controller finishes the clean-up while
         # later tests run, and the session's cluster is deleted at the end.
         kube.core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def crds(kubeconfig: Path) -> None:
+    """The kubetune CRDs, applied from crds/ exactly as users apply them."""
+    kubectl = ensure_tools().kubectl
+    subprocess.run(
+        [
+            str(kubectl),
+            "--kubeconfig",
+            str(kubeconfig),
+            "apply",
+            "--server-side",
+            "-f",
+            str(REPO / "crds"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            str(kubectl),
+            "--kubeconfig",
+            str(kubeconfig),
+            "wait",
+            "--for=condition=Established",
+            "crd/finetuningjobs.kubetune.dev",
+            "crd/registeredmodels.kubetune.dev",
+            "--timeout=60s",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kubeconfig: Path, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator, running as its own process for the whole session."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    process = OperatorProcess(
+        kubeconfig,
+        log,
+        trainer_image="registry.invalid/kubetune/trainer:test",
+        image_pull_timeout="4",
+        workers="4",
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        print(f"operator log: {log}")
+
+
+@pytest.fixture
+def restricted_namespace(kube: Kube, namespace: str) -> str:
+    """The test namespace, enforcing the restricted Pod Security Standard."""
+    kube.core.patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    return namespace

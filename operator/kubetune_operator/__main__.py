@@ -1,0 +1,3 @@
+from kubetune_operator.main import command
+
+command()

@@ -1,0 +1,344 @@
+"""Pure functions that build the objects a FineTuningJob needs.
+
+Each returns a plain dict ready for the API server. Nothing here talks to the
+cluster, so every shape is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.api.common import VolumeLocation
+from kubetune.api.defaults import resolve_hyperparameters
+from kubetune.api.finetuningjob import FILE_FORMATS, FineTuningJobSpec
+from kubetune.api.trainer import (
+    NON_RETRYABLE_EXIT_CODES,
+    TERMINATION_MESSAGE_PATH,
+    JobIdentity,
+    ReportTarget,
+    TrainerConfig,
+    TrainerMode,
+    TrainerPaths,
+)
+from kubetune_operator import naming
+from kubetune_operator.settings import OperatorSettings
+
+CONTAINER = "trainer"
+CONFIG_FILE = "config.json"
+CONFIG_DIR = "/etc/kubetune"
+VOLUMES_DIR = "/mnt/volumes"
+CACHE_DIR = "/cache"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+TRAINER_UID = 1000
+
+Obj = dict[str, Any]
+
+
+def spec_hash(spec: FineTuningJobSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_api(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _meta(body: Obj, name: str, component: str, **extra: Any) -> Obj:
+    meta = body["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": naming.labels(meta["name"], meta["uid"], component),
+        "ownerReferences": [naming.owner_reference(body)],
+        **extra,
+    }
+
+
+def _claims(spec: FineTuningJobSpec) -> dict[str, bool]:
+    """Each PersistentVolumeClaim the trainer uses, and whether it must be writable."""
+    claims: dict[str, bool] = {}
+    for location, writable in (
+        (spec.base_model.volume, False),
+        (spec.dataset.volume, False),
+        (spec.output.volume, True),
+    ):
+        if location is not None:
+            claims[location.claim_name] = claims.get(location.claim_name, False) or writable
+    return claims
+
+
+def mounted_path(location: VolumeLocation) -> str:
+    """Where a volume location appears inside the trainer's container."""
+    base = f"{VOLUMES_DIR}/{location.claim_name}"
+    return f"{base}/{location.path.strip('/')}" if location.path.strip("/") else base
+
+
+def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
+    meta = body["metadata"]
+    return TrainerConfig(
+        job=JobIdentity(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=meta.get("generation", 1),
+        ),
+        spec=spec,
+        hyperparameters=resolve_hyperparameters(spec),
+        paths=TrainerPaths(
+            base_model=mounted_path(spec.base_model.volume) if spec.base_model.volume else None,
+            dataset=mounted_path(spec.dataset.volume)
+            if spec.dataset.volume and spec.dataset.format in FILE_FORMATS
+            else None,
+            output=mounted_path(spec.output.volume),
+            cache=f"{CACHE_DIR}/huggingface",
+        ),
+        report=ReportTarget(config_map=naming.report_config_map_name(meta["name"])),
+    )
+
+
+def desired_config_map(body: Obj, spec: FineTuningJobSpec) -> Obj:
+    """The trainer's resolved configuration, mounted read-only into its pods."""
+    config = trainer_config(body, spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(
+            body, naming.config_map_name(body["metadata"]["name"]), naming.COMPONENT_CONFIG
+        ),
+        "data": {CONFIG_FILE: config.model_dump_json(by_alias=True, exclude_none=True, indent=2)},
+    }
+
+
+def desired_report_config_map(body: Obj) -> Obj:
+    """Where the trainer reports progress; created empty, written only by the trainer."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(
+            body, naming.report_config_map_name(body["metadata"]["name"]), naming.COMPONENT_REPORT
+        ),
+    }
+
+
+def desired_trainer_rbac(body: Obj) -> list[Obj]:
+    """A ServiceAccount per job whose only right is to update that job's report ConfigMap."""
+    owner = body["metadata"]["name"]
+    account = naming.trainer_account_name(owner)
+    meta = _meta(body, account, naming.COMPONENT_TRAINER)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["configmaps"],
+                    "resourceNames": [naming.report_config_map_name(owner)],
+                    "verbs": ["get", "patch", "update"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": account,
+                    "namespace": body["metadata"]["namespace"],
+                }
+            ],
+        },
+    ]
+
+
+def _env(spec: FineTuningJobSpec) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    # Secrets by reference only: the value never appears in any object we write.
+    if spec.base_model.token_secret_ref:
+        ref = spec.base_model.token_secret_ref
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    if spec.dataset.token_secret_ref:
+        ref = spec.dataset.token_secret_ref
+        env.append(
+            {
+                "name": "KUBETUNE_DATASET_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    return env
+
+
+def _volumes(
+    body: Obj, spec: FineTuningJobSpec, *, writable_output: bool
+) -> tuple[list[Obj], list[Obj]]:
+    owner = body["metadata"]["name"]
+    volumes: list[Obj] = [
+        {"name": "config", "configMap": {"name": naming.config_map_name(owner)}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[Obj] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for index, (claim, writable) in enumerate(sorted(_claims(spec).items())):
+        name = f"data-{index}"
+        read_only = not (writable and writable_output)
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+        )
+        mounts.append({"name": name, "mountPath": f"{VOLUMES_DIR}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+def _security_contexts() -> tuple[Obj, Obj]:
+    """Meets the restricted Pod Security Standard."""
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    return pod, container
+
+
+def _pod_failure_policy() -> Obj:
+    return {
+        "rules": [
+            # Bad input: running again cannot help.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": list(NON_RETRYABLE_EXIT_CODES),
+                },
+            },
+            # Preemption, eviction, node drain: retry without counting a failure.
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
+    }
+
+
+def desired_job(
+    body: Obj,
+    spec: FineTuningJobSpec,
+    settings: OperatorSettings,
+    mode: TrainerMode,
+    *,
+    suspend: bool,
+) -> Obj:
+    """The batch/v1 Job that validates the dataset (CPU only) or trains (with GPUs)."""
+    meta = body["metadata"]
+    owner = meta["name"]
+    training = mode == TrainerMode.TRAIN
+    component = naming.COMPONENT_TRAINER if training else naming.COMPONENT_VALIDATOR
+    name = naming.train_job_name(owner) if training else naming.validate_job_name(owner)
+    image = spec.image or settings.trainer_image
+    resources = spec.resources
+
+    if training:
+        requests: Obj = {"cpu": resources.cpu, "memory": resources.memory}
+        limits: Obj = {"memory": resources.memory}
+        if resources.gpus:
+            requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(resources.gpus)
+    else:
+        requests = {"cpu": settings.validator_cpu, "memory": settings.validator_memory}
+        limits = {"memory": settings.validator_memory}
+
+    tolerations = [t.to_api() for t in resources.tolerations]
+    node_selector: Obj = {}
+    if training:
+        node_selector = dict(resources.node_selector)
+        if resources.gpu_type:
+            node_selector[GPU_PRODUCT_LABEL] = resources.gpu_type
+        if resources.gpus:
+            tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+
+    volumes, mounts = _volumes(body, spec, writable_output=training)
+    pod_security, container_security = _security_contexts()
+    pod_labels = {**spec.pod_metadata.labels, **naming.labels(owner, meta["uid"], component)}
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "serviceAccountName": naming.trainer_account_name(owner),
+        "securityContext": pod_security,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": ["python", "-m", "kubetune_trainer"],
+                "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--mode", mode.value],
+                "env": _env(spec),
+                "resources": {"requests": requests, "limits": limits},
+                "volumeMounts": mounts,
+                "securityContext": container_security,
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+                # A crash before the trainer writes its message still leaves the log's tail.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": volumes,
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if training and resources.affinity:
+        pod_spec["affinity"] = resources.affinity
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+
+    job_labels = naming.labels(owner, meta["uid"], component)
+    queue = (meta.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
+    if queue and training:
+        job_labels[naming.KUEUE_QUEUE_LABEL] = queue
+
+    job_spec: Obj = {
+        "suspend": suspend,
+        "backoffLimit": spec.max_retries if training else 0,
+        "podFailurePolicy": _pod_failure_policy(),
+        "ttlSecondsAfterFinished": settings.finished_job_ttl_seconds,
+        "template": {
+            "metadata": {
+                "labels": pod_labels,
+                "annotations": {**spec.pod_metadata.annotations, naming.ANNOTATION_OWNER: owner},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if training and spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(
+            body, name, component, annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(spec)}
+        )
+        | {"labels": job_labels},
+        "spec": job_spec,
+    }

@@ -1,0 +1,130 @@
+"""kopf wiring: watches feed a work queue; workers run `reconcile` in threads.
+
+Handlers are thin on purpose: an event about a FineTuningJob or any of its
+children only queues the job's key. Nothing is kept in handler return values
+or process memory that the next run would need: status and the children
+themselves are the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from kubetune.api import GROUP, VERSION
+from kubetune.api import finetuningjob as ftj
+from kubetune_operator import metrics, naming
+from kubetune_operator.reconcile import Clients, reconcile
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.workqueue import Key, WorkQueue
+
+log = logging.getLogger("kubetune.operator")
+
+MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGER}
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config: OperatorSettings = memo.config
+    settings.posting.enabled = False  # we post our own events, one per transition
+    settings.watching.server_timeout = 300
+    settings.peering.mandatory = bool(config.peering)
+    settings.execution.max_workers = config.workers
+    memo.queue = WorkQueue(on_depth=metrics.QUEUE_DEPTH.set)
+    memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
+    memo.tasks = [asyncio.create_task(memo.queue.run_timers())]
+    memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the service account; otherwise the kubeconfig named by KUBECONFIG."""
+    if not memo.config.kubeconfig:
+        info = kopf.login_with_service_account(**kwargs)
+        if info is not None:
+            return info
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    for task in getattr(memo, "tasks", []):
+        task.cancel()
+    if getattr(memo, "executor", None):
+        memo.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _worker(memo: kopf.Memo) -> None:
+    queue: WorkQueue = memo.queue
+    clients: Clients = memo.clients
+    config: OperatorSettings = memo.config
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await queue.get()
+        try:
+            again = await loop.run_in_executor(memo.executor, reconcile, clients, config, *key)
+        except (ApiException, HTTPError, OSError) as err:
+            delay = queue.retry(key)
+            metrics.RECONCILES.labels("error").inc()
+            log.warning("reconcile %s/%s failed (%s); retrying in %.1fs", *key, _brief(err), delay)
+        except Exception:
+            delay = queue.retry(key)
+            metrics.RECONCILES.labels("error").inc()
+            log.exception("reconcile %s/%s crashed; retrying in %.1fs", *key, delay)
+        else:
+            queue.succeeded(key)
+            queue.add_after(key, again if again is not None else config.resync_seconds)
+        finally:
+            queue.done(key)
+
+
+def _brief(err: Exception) -> str:
+    if isinstance(err, ApiException):
+        return f"{err.status} {err.reason}"
+    return type(err).__name__
+
+
+def _enqueue(memo: kopf.Memo, key: Key) -> None:
+    queue: WorkQueue | None = getattr(memo, "queue", None)
+    if queue is not None:
+        queue.add(key)
+
+
+@kopf.on.event(GROUP, VERSION, ftj.PLURAL)
+def finetuningjob_changed(
+    event: dict, name: str, namespace: str, memo: kopf.Memo, **_: Any
+) -> None:
+    if event.get("type") == "DELETED":
+        metrics.forget(namespace, name)
+        return
+    _enqueue(memo, (namespace, name))
+
+
+def _owner_from_references(body: kopf.Body) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == ftj.KIND and ref.get("apiVersion", "").startswith(GROUP + "/"):
+            return ref.get("name")
+    return None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event(
+    "", "v1", "configmaps", labels={**MANAGED, naming.LABEL_COMPONENT: naming.COMPONENT_REPORT}
+)
+def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    owner = _owner_from_references(body)
+    if owner:
+        _enqueue(memo, (namespace, owner))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def pod_changed(annotations: kopf.Annotations, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    owner = annotations.get(naming.ANNOTATION_OWNER)
+    if owner:
+        _enqueue(memo, (namespace, owner))

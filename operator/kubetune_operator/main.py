@@ -1,0 +1,100 @@
+"""Run the operator: `kubetune operator` or `python -m kubetune_operator`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import click
+import kopf
+from kubernetes import client, config
+
+from kubetune_operator import handlers as _handlers  # noqa: F401  (registers the kopf handlers)
+from kubetune_operator import metrics
+from kubetune_operator.reconcile import Clients
+from kubetune_operator.settings import OperatorSettings
+
+ENV_PREFIX = "KUBETUNE_"
+
+
+def settings_from_env(overrides: dict[str, Any] | None = None) -> OperatorSettings:
+    """Settings from KUBETUNE_<FIELD> variables, then explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    for field in OperatorSettings.model_fields:
+        raw = os.environ.get(ENV_PREFIX + field.upper())
+        if raw is None:
+            continue
+        values[field] = (
+            [n for n in raw.replace(",", " ").split() if n] if field == "namespaces" else raw
+        )
+    values.update({k: v for k, v in (overrides or {}).items() if v not in (None, (), [])})
+    return OperatorSettings.model_validate(values)
+
+
+def api_client(settings: OperatorSettings) -> client.ApiClient:
+    configuration = client.Configuration()
+    if settings.kubeconfig:
+        config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = settings.workers * 2
+    return metrics.CountingApiClient(configuration)
+
+
+def run(settings: OperatorSettings) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.kubeconfig:
+        # kopf's own login reads the same file.
+        os.environ["KUBECONFIG"] = settings.kubeconfig
+    metrics.serve(settings.metrics_port)
+    memo = kopf.Memo(config=settings, clients=Clients(api_client(settings)))
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=kopf.get_default_registry(),
+            memo=memo,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            standalone=not settings.peering,
+            peering_name=settings.peering,
+            liveness_endpoint=liveness,
+        )
+    )
+
+
+@click.command("operator")
+@click.option(
+    "--namespace", "namespaces", multiple=True, help="Namespace to watch (repeat; default: all)."
+)
+@click.option("--trainer-image", help="Default trainer image.")
+@click.option("--metrics-port", type=int, help="Port of /metrics (0 disables).")
+@click.option("--health-port", type=int, help="Port of /healthz (0 disables).")
+@click.option("--peering", help="kopf peering name for several replicas (default: standalone).")
+@click.option("--workers", type=int, help="Concurrent reconciles.")
+@click.option(
+    "--image-pull-timeout",
+    "image_pull_timeout_seconds",
+    type=int,
+    help="Seconds before an unpullable image fails a job.",
+)
+@click.option(
+    "--finished-job-ttl",
+    "finished_job_ttl_seconds",
+    type=int,
+    help="Seconds finished Jobs are kept.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Kubeconfig (default: in-cluster).",
+)
+def command(**flags: Any) -> None:
+    """Run the kubetune operator (settings also from KUBETUNE_* variables)."""
+    run(settings_from_env(flags))

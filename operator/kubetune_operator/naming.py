@@ -1,0 +1,88 @@
+"""Names and labels of the objects the operator creates for a FineTuningJob."""
+
+from __future__ import annotations
+
+import hashlib
+
+MANAGER = "kubetune-operator"
+FIELD_MANAGER = MANAGER
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB_UID = "kubetune.dev/job-uid"
+LABEL_JOB_NAME = "kubetune.dev/job-name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+ANNOTATION_SPEC_HASH = "kubetune.dev/spec-hash"
+# On trainer pods: the FineTuningJob they work for (labels cap names at 63 characters).
+ANNOTATION_OWNER = "kubetune.dev/finetuningjob"
+
+COMPONENT_TRAINER = "trainer"
+COMPONENT_VALIDATOR = "dataset-validator"
+COMPONENT_CONFIG = "config"
+COMPONENT_REPORT = "report"
+
+# A Job's name ends up in a label of its pods: at most 63 characters.
+_MAX_NAME = 63
+
+
+def child_name(owner: str, suffix: str) -> str:
+    """`<owner>-<suffix>`, shortened with a stable hash when over 63 characters."""
+    name = f"{owner}-{suffix}"
+    if len(name) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    keep = _MAX_NAME - len(suffix) - len(digest) - 2
+    return f"{owner[:keep].rstrip('-.')}-{digest}-{suffix}"
+
+
+def train_job_name(owner: str) -> str:
+    return child_name(owner, "train")
+
+
+def validate_job_name(owner: str) -> str:
+    return child_name(owner, "validate")
+
+
+def config_map_name(owner: str) -> str:
+    return child_name(owner, "config")
+
+
+def report_config_map_name(owner: str) -> str:
+    return child_name(owner, "report")
+
+
+def trainer_account_name(owner: str) -> str:
+    return child_name(owner, "trainer")
+
+
+def label_value(value: str) -> str:
+    """A label value (at most 63 characters) that still identifies `value`."""
+    return value if len(value) <= _MAX_NAME else child_name(value[:40], "x")[:_MAX_NAME]
+
+
+def labels(owner: str, uid: str, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "kubetune",
+        LABEL_INSTANCE: label_value(owner),
+        LABEL_COMPONENT: component,
+        LABEL_PART_OF: "kubetune",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_JOB_NAME: label_value(owner),
+        LABEL_JOB_UID: uid,
+    }
+
+
+def owner_reference(body: dict) -> dict:
+    """Makes the FineTuningJob own a child: deleting the job deletes the child."""
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

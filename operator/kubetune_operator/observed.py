@@ -1,0 +1,128 @@
+"""What the operator saw of a FineTuningJob's children, and helpers to read it.
+
+Objects are the API server's JSON (camelCase dicts), as listed or read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from kubetune.api.trainer import (
+    REPORT_PROGRESS_KEY,
+    REPORT_RESULT_KEY,
+    REPORT_VALIDATION_KEY,
+    ProgressReport,
+    ResultReport,
+    TrainerTermination,
+    ValidationReport,
+)
+
+Obj = dict[str, Any]
+Report = TypeVar("Report", ProgressReport, ValidationReport, ResultReport)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A snapshot of everything that exists for one FineTuningJob."""
+
+    now: datetime
+    validate_job: Obj | None = None
+    train_job: Obj | None = None
+    validate_pods: list[Obj] = field(default_factory=list)
+    train_pods: list[Obj] = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)
+    config_map: Obj | None = None
+    report_config_map: Obj | None = None
+    service_account: Obj | None = None
+    registered_model: Obj | None = None
+
+
+def job_condition(job: Obj | None, type_: str) -> Obj | None:
+    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def pod_condition(pod: Obj, type_: str) -> Obj | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def container_status(pod: Obj) -> Obj | None:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else None
+
+
+def terminated(pod: Obj) -> Obj | None:
+    status = container_status(pod)
+    return ((status or {}).get("state") or {}).get("terminated")
+
+
+def waiting(pod: Obj) -> Obj | None:
+    status = container_status(pod)
+    return ((status or {}).get("state") or {}).get("waiting")
+
+
+def was_disrupted(pod: Obj) -> bool:
+    condition = pod_condition(pod, "DisruptionTarget")
+    return condition is not None and condition.get("status") == "True"
+
+
+def newest(pods: list[Obj]) -> Obj | None:
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def termination_of(pod: Obj | None) -> tuple[TrainerTermination | None, str]:
+    """The trainer's termination document, or None and the raw text."""
+    state = terminated(pod) if pod else None
+    text = ((state or {}).get("message") or "").strip()
+    if not text:
+        return None, ""
+    try:
+        return TrainerTermination.model_validate_json(text), text
+    except ValidationError:
+        return None, text
+
+
+def _report_value(report: dict[str, str], key: str, model: type[Report]) -> Report | None:
+    raw = report.get(key)
+    if not raw:
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except (ValidationError, json.JSONDecodeError):
+        return None
+
+
+def progress_report(report: dict[str, str]) -> ProgressReport | None:
+    return _report_value(report, REPORT_PROGRESS_KEY, ProgressReport)
+
+
+def validation_report(observed: Observed) -> ValidationReport | None:
+    from_map = _report_value(observed.report, REPORT_VALIDATION_KEY, ValidationReport)
+    if from_map:
+        return from_map
+    for pod in observed.validate_pods:
+        termination, _ = termination_of(pod)
+        if termination and termination.validation:
+            return termination.validation
+    return None
+
+
+def result_report(observed: Observed) -> ResultReport | None:
+    from_map = _report_value(observed.report, REPORT_RESULT_KEY, ResultReport)
+    if from_map:
+        return from_map
+    for pod in observed.train_pods:
+        termination, _ = termination_of(pod)
+        if termination and termination.result:
+            return termination.result
+    return None

@@ -1,0 +1,108 @@
+"""Decide what to create, change or delete for one FineTuningJob (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kubetune.api.finetuningjob import FineTuningJobSpec, FineTuningJobStatus, Phase
+from kubetune.api.trainer import TrainerMode
+from kubetune_operator import builders, naming
+from kubetune_operator import conditions as c
+from kubetune_operator import observed as obs
+from kubetune_operator.observed import Obj, Observed
+from kubetune_operator.registration import desired_registered_model
+from kubetune_operator.settings import OperatorSettings
+
+
+@dataclass
+class Plan:
+    """Changes that bring the cluster to what the FineTuningJob asks for."""
+
+    create: list[Obj] = field(default_factory=list)
+    replace_config: Obj | None = None
+    set_train_suspend: bool | None = None
+    delete_train_job: bool = False
+    register: Obj | None = None
+
+    def empty(self) -> bool:
+        return not (
+            self.create
+            or self.replace_config
+            or self.set_train_suspend is not None
+            or self.delete_train_job
+            or self.register
+        )
+
+
+def _finished(job: Obj) -> bool:
+    return bool(obs.job_condition(job, "Complete") or obs.job_condition(job, "Failed"))
+
+
+def plan(
+    body: Obj,
+    spec: FineTuningJobSpec,
+    status: FineTuningJobStatus,
+    observed: Observed,
+    settings: OperatorSettings,
+) -> Plan:
+    result = Plan()
+    conds = c.Conditions(status.conditions, 0, observed.now)
+    train = observed.train_job
+
+    if status.phase in (Phase.FAILED, Phase.CANCELLED):
+        # Stop anything still running (cancelled, or failed while stuck pulling its image).
+        if train is not None and not _finished(train):
+            result.delete_train_job = True
+        return result
+
+    if conds.is_true(c.SUCCEEDED):
+        if spec.registration.enabled and observed.registered_model is None:
+            report = obs.result_report(observed)
+            if report is not None:
+                result.register = desired_registered_model(
+                    body, spec, status, report, status.completion_time or observed.now
+                )
+        return result
+    if status.phase == Phase.SUCCEEDED:
+        return result
+
+    desired_config = builders.desired_config_map(body, spec)
+    if observed.config_map is None:
+        result.create.append(desired_config)
+    elif observed.config_map.get("data") != desired_config["data"]:
+        result.replace_config = desired_config
+    if observed.report_config_map is None:
+        result.create.append(builders.desired_report_config_map(body))
+    if observed.service_account is None:
+        result.create.extend(builders.desired_trainer_rbac(body))
+
+    if not conds.is_true(c.DATASET_VALIDATED):
+        if observed.validate_job is None and spec.dataset.validate_first:
+            result.create.append(
+                builders.desired_job(body, spec, settings, TrainerMode.VALIDATE, suspend=False)
+            )
+        return result
+
+    queued = naming.KUEUE_QUEUE_LABEL in (body["metadata"].get("labels") or {})
+    if train is None:
+        job = builders.desired_job(
+            body, spec, settings, TrainerMode.TRAIN, suspend=spec.suspend or queued
+        )
+        result.create.append(job)
+        return result
+
+    started = bool((train.get("status") or {}).get("startTime")) or bool(observed.train_pods)
+    current_hash = (train["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH)
+    if current_hash != builders.spec_hash(spec) and not started:
+        # The spec changed before training began: the Job's pod template is
+        # immutable, so start over with a new Job.
+        result.delete_train_job = True
+        return result
+
+    suspended = bool((train.get("spec") or {}).get("suspend"))
+    if spec.suspend and not suspended:
+        result.set_train_suspend = True
+    elif not spec.suspend and suspended and not queued:
+        # With a queue, admission (unsuspending) is the queue's decision.
+        result.set_train_suspend = False
+    return result

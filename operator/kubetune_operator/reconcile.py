@@ -1,0 +1,307 @@
+"""The imperative shell: observe one FineTuningJob's world, apply the plan, write status.
+
+Level-triggered and idempotent: it reads everything it needs each time, creates
+only what is missing (a 409 means someone, perhaps an earlier run of this very
+function, already did), and writes status only when it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from kubetune.api import GROUP, VERSION
+from kubetune.api import finetuningjob as ftj
+from kubetune.api import registeredmodel as rm
+from kubetune.api.finetuningjob import (
+    Failure,
+    FailureReason,
+    FineTuningJobSpec,
+    FineTuningJobStatus,
+    Phase,
+)
+from kubetune_operator import conditions as c
+from kubetune_operator import metrics, naming
+from kubetune_operator.observed import Obj, Observed
+from kubetune_operator.plan import Plan, plan
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.status import derive_status, next_check_in
+
+log = logging.getLogger("kubetune.operator")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class Clients:
+    """The typed API groups the operator uses, on one ApiClient."""
+
+    api: client.ApiClient
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.rbac = client.RbacAuthorizationV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def plain(self, obj: Any) -> Obj:
+        return self.api.sanitize_for_serialization(obj)
+
+
+def observe(
+    clients: Clients, body: Obj, spec: FineTuningJobSpec, status: FineTuningJobStatus
+) -> Observed:
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    selector = f"{naming.LABEL_JOB_UID}={uid}"
+    jobs = clients.plain(clients.batch.list_namespaced_job(namespace, label_selector=selector))[
+        "items"
+    ]
+    jobs_by_name = {job["metadata"]["name"]: job for job in jobs}
+    train_job = jobs_by_name.get(naming.train_job_name(name))
+    validate_job = jobs_by_name.get(naming.validate_job_name(name))
+    pods: list[Obj] = []
+    if jobs:
+        pods = clients.plain(clients.core.list_namespaced_pod(namespace, label_selector=selector))[
+            "items"
+        ]
+    config_maps = clients.plain(
+        clients.core.list_namespaced_config_map(namespace, label_selector=selector)
+    )["items"]
+    by_name = {cm["metadata"]["name"]: cm for cm in config_maps}
+    report_map = by_name.get(naming.report_config_map_name(name))
+    accounts = clients.plain(
+        clients.core.list_namespaced_service_account(namespace, label_selector=selector)
+    )["items"]
+
+    registered = None
+    if any(cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions) or (
+        train_job is not None
+        and any(
+            cond.get("type") == "Complete" and cond.get("status") == "True"
+            for cond in (train_job.get("status") or {}).get("conditions") or []
+        )
+    ):
+        from kubetune_operator.registration import registered_model_name
+
+        registered = _get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
+
+    def component(pod: Obj) -> str:
+        return (pod["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT, "")
+
+    return Observed(
+        now=utcnow(),
+        validate_job=validate_job,
+        train_job=train_job,
+        validate_pods=[p for p in pods if component(p) == naming.COMPONENT_VALIDATOR],
+        train_pods=[p for p in pods if component(p) == naming.COMPONENT_TRAINER],
+        report=(report_map or {}).get("data") or {},
+        config_map=by_name.get(naming.config_map_name(name)),
+        report_config_map=report_map,
+        service_account=accounts[0] if accounts else None,
+        registered_model=registered,
+    )
+
+
+def _get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj | None:
+    try:
+        return clients.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def _create(clients: Clients, obj: Obj) -> None:
+    """Create if absent: an existing object (409) is fine."""
+    kind, namespace = obj["kind"], obj["metadata"]["namespace"]
+    create = {
+        "ConfigMap": clients.core.create_namespaced_config_map,
+        "ServiceAccount": clients.core.create_namespaced_service_account,
+        "Role": clients.rbac.create_namespaced_role,
+        "RoleBinding": clients.rbac.create_namespaced_role_binding,
+        "Job": clients.batch.create_namespaced_job,
+    }.get(kind)
+    try:
+        if create is not None:
+            create(namespace, obj, field_manager=naming.FIELD_MANAGER)
+        else:
+            group, version = obj["apiVersion"].split("/")
+            clients.custom.create_namespaced_custom_object(
+                group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
+            )
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+def apply_plan(clients: Clients, body: Obj, changes: Plan) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for obj in changes.create:
+        _create(clients, obj)
+    if changes.replace_config is not None:
+        cm = changes.replace_config
+        clients.core.patch_namespaced_config_map(
+            cm["metadata"]["name"],
+            namespace,
+            {"data": cm["data"]},
+            field_manager=naming.FIELD_MANAGER,
+        )
+    if changes.set_train_suspend is not None:
+        clients.batch.patch_namespaced_job(
+            naming.train_job_name(name),
+            namespace,
+            {"spec": {"suspend": changes.set_train_suspend}},
+            field_manager=naming.FIELD_MANAGER,
+        )
+    if changes.delete_train_job:
+        try:
+            clients.batch.delete_namespaced_job(
+                naming.train_job_name(name), namespace, propagation_policy="Background"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+    if changes.register is not None:
+        _create(clients, changes.register)
+
+
+def _events(
+    clients: Clients, body: Obj, before: FineTuningJobStatus, after: FineTuningJobStatus
+) -> None:
+    """One event per condition transition (status or reason changed)."""
+    old = {cond.type: (cond.status, cond.reason) for cond in before.conditions}
+    for cond in after.conditions:
+        if old.get(cond.type) == (cond.status, cond.reason):
+            continue
+        warning = (
+            cond.type == c.FAILED and cond.status == "True"
+        ) or cond.reason in c.WARNING_REASONS
+        _post_event(
+            clients,
+            body,
+            "Warning" if warning else "Normal",
+            cond.reason,
+            cond.message or cond.type,
+        )
+
+
+def _post_event(clients: Clients, body: Obj, kind: str, reason: str, message: str) -> None:
+    meta = body["metadata"]
+    now = utcnow()
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(
+            name=f"{meta['name'][:200]}.{secrets.token_hex(8)}", namespace=meta["namespace"]
+        ),
+        involved_object=client.V1ObjectReference(
+            api_version=body["apiVersion"],
+            kind=body["kind"],
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            resource_version=meta.get("resourceVersion"),
+        ),
+        reason=reason,
+        message=message[:1024],
+        type=kind,
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+        source=client.V1EventSource(component=naming.MANAGER),
+        reporting_component=naming.MANAGER,
+        reporting_instance=naming.MANAGER,
+    )
+    try:
+        clients.core.create_namespaced_event(meta["namespace"], event)
+    except ApiException as err:  # events are best effort
+        log.warning("could not post event %s for %s: %s", reason, meta["name"], err.reason)
+
+
+def _invalid_spec_status(
+    body: Obj, previous: FineTuningJobStatus, error: ValidationError
+) -> FineTuningJobStatus:
+    problems = "; ".join(
+        f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+    )
+    status = previous.model_copy(deep=True)
+    conds = c.Conditions(previous.conditions, body["metadata"].get("generation", 1), utcnow())
+    failure = Failure(reason=FailureReason.INVALID_SPEC, message=problems)
+    conds.set(c.FAILED, True, failure.reason.value, failure.message)
+    status.failure = failure
+    status.conditions = conds.as_list()
+    status.phase = Phase.FAILED
+    status.observed_generation = body["metadata"].get("generation")
+    return status
+
+
+def reconcile(
+    clients: Clients, settings: OperatorSettings, namespace: str, name: str
+) -> float | None:
+    """Bring one FineTuningJob's children and status up to date.
+
+    Returns seconds until it should be looked at again without an event, if ever.
+    """
+    started = time.monotonic()
+    try:
+        body = clients.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, ftj.PLURAL, name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None  # deleted: owner references take its children with it
+        raise
+    try:
+        previous = FineTuningJobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        previous = FineTuningJobStatus()
+    try:
+        spec = FineTuningJobSpec.model_validate(body["spec"])
+    except ValidationError as err:
+        status = _invalid_spec_status(body, previous, err)
+        _write_status(clients, body, previous, status)
+        return None
+
+    observed = observe(clients, body, spec, previous)
+    status = derive_status(body, spec, previous, observed, settings)
+    changes = plan(body, spec, status, observed, settings)
+    if not changes.empty():
+        apply_plan(clients, body, changes)
+        # Build on the status just derived: what the plan removed (a stuck Job
+        # of a failed run, say) must not erase what was learnt from it.
+        observed = observe(clients, body, spec, status)
+        status = derive_status(body, spec, status, observed, settings)
+    _write_status(clients, body, previous, status)
+    metrics.observe_reconcile(namespace, name, status.phase.value, time.monotonic() - started)
+    delay = next_check_in(status, observed, settings)
+    return delay.total_seconds() if delay else None
+
+
+def _write_status(
+    clients: Clients, body: Obj, previous: FineTuningJobStatus, status: FineTuningJobStatus
+) -> None:
+    if status.to_api() == previous.to_api():
+        return
+    meta = body["metadata"]
+    # Full status with nulls: a JSON merge patch then also clears what is gone.
+    patch = {"status": status.model_dump(mode="json", by_alias=True)}
+    clients.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        meta["namespace"],
+        ftj.PLURAL,
+        meta["name"],
+        patch,
+        field_manager=naming.FIELD_MANAGER,
+    )
+    _events(clients, body, previous, status)
+    log.info("%s/%s: %s", meta["namespace"], meta["name"], status.phase.value)

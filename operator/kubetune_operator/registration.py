@@ -1,0 +1,141 @@
+"""The RegisteredModel recorded when a FineTuningJob succeeds (pure)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from kubetune.api import registeredmodel as rm
+from kubetune.api.common import VolumeLocation
+from kubetune.api.finetuningjob import FineTuningJobSpec, FineTuningJobStatus, FineTuningMethod
+from kubetune.api.trainer import ResultReport
+from kubetune_operator import naming
+from kubetune_operator.builders import mounted_path
+
+MAX_NAME = 253
+
+
+def registered_model_name(body: dict, spec: FineTuningJobSpec) -> str:
+    """Deterministic: the same job always registers under the same name."""
+    base = spec.registration.model_name or body["metadata"]["name"]
+    if spec.registration.suffix:
+        base = f"{base}-{spec.registration.suffix}"
+    return base[:MAX_NAME]
+
+
+def _serving_hints(spec: FineTuningJobSpec, name: str, artifact: rm.Artifact) -> rm.ServingHints:
+    model_dir = mounted_path(artifact.volume)
+    base = mounted_path(spec.base_model.volume) if spec.base_model.volume else spec.base_model.name
+    revision = (
+        f" --revision {spec.base_model.revision}"
+        if spec.base_model.revision and not spec.base_model.volume
+        else ""
+    )
+    uri = f"pvc://{artifact.volume.claim_name}/{artifact.volume.path}".rstrip("/")
+    if artifact.kind == rm.ArtifactKind.ADAPTER and spec.method in (
+        FineTuningMethod.LORA,
+        FineTuningMethod.QLORA,
+    ):
+        vllm = f"vllm serve {base}{revision} --enable-lora --lora-modules {name}={model_dir}"
+        loader = (
+            "from peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({model_dir!r})"
+        )
+    elif artifact.kind == rm.ArtifactKind.ADAPTER:
+        vllm = "vLLM does not serve prefix or prompt-tuning adapters: load them with transformers + peft"
+        loader = (
+            "from peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({model_dir!r})"
+        )
+    else:
+        vllm = f"vllm serve {model_dir} --served-model-name {name}"
+        loader = (
+            "from transformers import AutoModelForCausalLM\n"
+            f"model = AutoModelForCausalLM.from_pretrained({model_dir!r})"
+        )
+    kserve = (
+        "apiVersion: serving.kserve.io/v1beta1\n"
+        "kind: InferenceService\n"
+        f"metadata:\n  name: {name[:63]}\n"
+        "spec:\n  predictor:\n    model:\n      modelFormat:\n        name: huggingface\n"
+        f"      storageUri: {uri}\n"
+    )
+    return rm.ServingHints(vllm=vllm, kserve=kserve, transformers=loader)
+
+
+def desired_registered_model(
+    body: dict,
+    spec: FineTuningJobSpec,
+    status: FineTuningJobStatus,
+    result: ResultReport,
+    trained_at: datetime,
+) -> dict:
+    """The RegisteredModel for a succeeded job. Not owned by the job: it outlives it."""
+    meta = body["metadata"]
+    name = registered_model_name(body, spec)
+    output = spec.output.volume
+
+    def under_output(path: str) -> VolumeLocation:
+        joined = "/".join(p for p in (output.path.strip("/"), path.strip("/")) if p)
+        return VolumeLocation(claim_name=output.claim_name, path=joined)
+
+    artifact = rm.Artifact(
+        volume=under_output(result.artifact.path),
+        kind=result.artifact.kind,
+        digest=result.artifact.digest,
+        merged_volume=under_output(result.artifact.merged_path)
+        if result.artifact.merged_path
+        else None,
+    )
+    adapter = rm.AdapterSettings(
+        lora=(spec.lora or rm.LoraSettings())
+        if spec.method in (FineTuningMethod.LORA, FineTuningMethod.QLORA)
+        else None,
+        quantization=(spec.quantization or rm.QuantizationSettings())
+        if spec.method == FineTuningMethod.QLORA
+        else None,
+        virtual_tokens=(
+            spec.prefix_tuning or spec.prompt_tuning or rm.VirtualTokenSettings()
+            if spec.method in (FineTuningMethod.PREFIX_TUNING, FineTuningMethod.PROMPT_TUNING)
+            else None
+        ),
+    )
+    model_spec = rm.RegisteredModelSpec(
+        base_model=spec.base_model,
+        method=spec.method,
+        adapter=adapter,
+        artifact=artifact,
+        dataset=rm.DatasetLineage(
+            format=spec.dataset.format,
+            volume=spec.dataset.volume,
+            hugging_face=spec.dataset.hugging_face,
+            custom=spec.dataset.custom,
+            digest=result.dataset_digest or status.dataset_digest or "",
+            preprocessing_steps=len(spec.dataset.preprocessing),
+        ),
+        hyperparameters=status.hyperparameters,
+        seed=spec.seed,
+        metrics=dict(result.metrics),
+        source_job=rm.SourceJob(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=meta.get("generation", 1),
+        ),
+        trainer_image=status.trainer_image or "",
+        trained_at=trained_at,
+        serving=_serving_hints(spec, name, artifact),
+    )
+    labels = {
+        naming.LABEL_NAME: "kubetune",
+        naming.LABEL_PART_OF: "kubetune",
+        naming.LABEL_MANAGED_BY: naming.MANAGER,
+        naming.LABEL_JOB_NAME: naming.label_value(meta["name"]),
+        naming.LABEL_JOB_UID: meta["uid"],
+        "kubetune.dev/method": spec.method.value.lower().replace("_", "-"),
+    }
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": rm.KIND,
+        "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels},
+        "spec": model_spec.to_api(),
+    }

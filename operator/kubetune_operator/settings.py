@@ -1,0 +1,43 @@
+"""Operator settings, from flags or KUBETUNE_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from kubetune import __version__
+
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{__version__}"
+
+
+class OperatorSettings(BaseModel):
+    """How the operator runs. Every field can come from KUBETUNE_<FIELD> (upper case)."""
+
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch (empty: all)."
+    )
+    trainer_image: str = Field(default=DEFAULT_TRAINER_IMAGE, description="Default trainer image.")
+    image_pull_policy: str = Field(default="IfNotPresent", description="Trainer image pull policy.")
+    validator_cpu: str = Field(default="1", description="CPU of the dataset-validation pod.")
+    validator_memory: str = Field(
+        default="4Gi", description="Memory of the dataset-validation pod."
+    )
+    finished_job_ttl_seconds: int = Field(
+        default=86400,
+        description="Delete finished training Jobs (and pods) after this; the FineTuningJob stays.",
+    )
+    image_pull_timeout_seconds: int = Field(
+        default=300, description="Fail a job whose image cannot be pulled for this long."
+    )
+    termination_grace_seconds: int = Field(
+        default=120, description="Time the trainer gets to checkpoint on SIGTERM."
+    )
+    resync_seconds: int = Field(default=60, description="Re-check every job at least this often.")
+    workers: int = Field(default=8, description="Concurrent reconciles.")
+    metrics_port: int = Field(default=8080, description="Port of /metrics (0 disables).")
+    health_port: int = Field(default=8081, description="Port of /healthz (0 disables).")
+    peering: str | None = Field(
+        default=None, description="kopf peering name for HA (unset: standalone)."
+    )
+    kubeconfig: str | None = Field(
+        default=None, description="Kubeconfig path (unset: in-cluster or default)."
+    )

@@ -1,0 +1,365 @@
+"""Derive a FineTuningJob's status from what exists. Pure: same inputs, same status.
+
+Conditions are the truth; `phase` is a display summary derived from them.
+Terminal outcomes (Succeeded, Failed, Cancelled) stick once recorded, because
+finished Jobs and pods are garbage-collected after their TTL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from kubetune.api.common import VolumeLocation
+from kubetune.api.defaults import resolve_hyperparameters
+from kubetune.api.finetuningjob import (
+    ArtifactStatus,
+    Failure,
+    FailureReason,
+    FineTuningJobSpec,
+    FineTuningJobStatus,
+    Phase,
+    Progress,
+)
+from kubetune_operator import conditions as c
+from kubetune_operator import failures
+from kubetune_operator import observed as obs
+from kubetune_operator.observed import Observed
+from kubetune_operator.settings import OperatorSettings
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h2m', 95 -> '1m35s'."""
+    total = max(0, int(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def is_terminal(status: FineTuningJobStatus) -> bool:
+    return status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED)
+
+
+def _progress(observed: Observed, previous: Progress | None) -> Progress | None:
+    report = obs.progress_report(observed.report)
+    if report is None:
+        return previous
+    # As estimated at report time: counting down here would rewrite status on
+    # every look, and each write would trigger another look.
+    eta_seconds = report.eta_seconds
+    percent = int(100 * report.step / report.total_steps) if report.total_steps else 0
+    return Progress(
+        step=report.step,
+        total_steps=report.total_steps,
+        steps=f"{report.step}/{report.total_steps}",
+        percent=min(100, percent),
+        epoch=report.epoch,
+        loss=report.loss,
+        eval_loss=report.eval_loss,
+        learning_rate=report.learning_rate,
+        tokens_per_second=report.tokens_per_second,
+        eta_seconds=eta_seconds,
+        eta=format_duration(eta_seconds) if eta_seconds is not None else "",
+        updated_at=report.timestamp,
+    )
+
+
+def _completed_progress(progress: Progress | None) -> Progress | None:
+    if progress is None:
+        return None
+    return progress.model_copy(
+        update={
+            "step": progress.total_steps or progress.step,
+            "steps": f"{progress.total_steps or progress.step}/{progress.total_steps or progress.step}",
+            "percent": 100,
+            "eta_seconds": 0,
+            "eta": "0s",
+        }
+    )
+
+
+def _phase(conds: c.Conditions, spec: FineTuningJobSpec, observed: Observed) -> Phase:
+    if conds.is_true(c.CANCELLED):
+        return Phase.CANCELLED
+    if conds.is_true(c.FAILED):
+        return Phase.FAILED
+    if conds.is_true(c.SUCCEEDED):
+        if not spec.registration.enabled or conds.is_true(c.REGISTERED):
+            return Phase.SUCCEEDED
+        return Phase.RUNNING
+    if conds.is_true(c.SUSPENDED):
+        return Phase.QUEUED if conds.reason(c.SUSPENDED) == c.WAITING_FOR_QUEUE else Phase.SUSPENDED
+    if conds.is_true(c.RUNNING):
+        return Phase.RUNNING
+    validated = conds.get(c.DATASET_VALIDATED)
+    if validated is not None and validated.status == "Unknown":
+        return Phase.VALIDATING
+    if observed.train_job is not None:
+        return Phase.QUEUED
+    return Phase.PENDING
+
+
+def _artifact(spec: FineTuningJobSpec, path: str, kind: str, digest: str) -> ArtifactStatus:
+    base = spec.output.volume
+    joined = "/".join(p for p in (base.path.strip("/"), path.strip("/")) if p)
+    return ArtifactStatus(
+        volume=VolumeLocation(claim_name=base.claim_name, path=joined), kind=kind, digest=digest
+    )
+
+
+def derive_status(
+    body: dict,
+    spec: FineTuningJobSpec,
+    previous: FineTuningJobStatus,
+    observed: Observed,
+    settings: OperatorSettings,
+) -> FineTuningJobStatus:
+    """The status that the observed objects imply, given the status recorded so far."""
+    meta = body["metadata"]
+    generation = meta.get("generation", 1)
+    now = observed.now
+    status = previous.model_copy(deep=True)
+    conds = c.Conditions(previous.conditions, generation, now)
+
+    status.observed_generation = generation
+    status.trainer_image = spec.image or settings.trainer_image
+    if status.hyperparameters is None or not is_terminal(previous):
+        status.hyperparameters = resolve_hyperparameters(spec)
+    if observed.train_job is not None:
+        status.job_name = observed.train_job["metadata"]["name"]
+
+    if is_terminal(previous):
+        _finish_registration(status, conds, spec, observed, meta["uid"])
+        status.conditions = conds.as_list()
+        status.phase = _phase(conds, spec, observed)
+        return status
+
+    status.progress = _progress(observed, previous.progress)
+    if spec.cancel:
+        conds.set(
+            c.CANCELLED,
+            True,
+            c.CANCELLED_BY_USER,
+            "cancelled by setting spec.cancel; the record is kept",
+        )
+        conds.set(c.RUNNING, False, c.STOPPED, "cancelled")
+        status.completion_time = status.completion_time or now
+        status.conditions = conds.as_list()
+        status.phase = Phase.CANCELLED
+        return status
+
+    failure = _validation(status, conds, spec, observed)
+    if failure is None:
+        failure = _training(status, conds, spec, observed, settings)
+    if failure is not None:
+        status.failure = failure
+        conds.set(c.FAILED, True, failure.reason.value, failure.message)
+        conds.set(c.RUNNING, False, c.STOPPED, "the job failed")
+        status.completion_time = status.completion_time or now
+    _finish_registration(status, conds, spec, observed, meta["uid"])
+    status.conditions = conds.as_list()
+    status.phase = _phase(conds, spec, observed)
+    return status
+
+
+def _validation(
+    status: FineTuningJobStatus, conds: c.Conditions, spec: FineTuningJobSpec, observed: Observed
+) -> Failure | None:
+    if not spec.dataset.validate_first:
+        conds.set(
+            c.DATASET_VALIDATED, True, c.VALIDATION_SKIPPED, "spec.dataset.validateFirst is false"
+        )
+        return None
+    if conds.is_true(c.DATASET_VALIDATED):
+        return None
+    job = observed.validate_job
+    if job is not None and obs.job_condition(job, "Complete"):
+        report = obs.validation_report(observed)
+        message = "the dataset is valid"
+        if report is not None:
+            status.dataset_digest = report.digest
+            message = (
+                f"{report.rows_kept} of {report.rows_read} rows kept: {report.train_rows} to train on, "
+                f"{report.eval_rows} to evaluate; {report.tokens} tokens"
+            )
+        conds.set(c.DATASET_VALIDATED, True, c.DATASET_VALID, message)
+        return None
+    if job is not None:
+        failure = failures.classify_job_failure(job, observed.validate_pods)
+        if failure is not None:
+            if failure.reason == FailureReason.TRAINER_ERROR:
+                failure.message = f"dataset validation failed: {failure.message}"
+            conds.set(c.DATASET_VALIDATED, False, failure.reason.value, failure.message)
+            return failure
+    conds.set(
+        c.DATASET_VALIDATED,
+        None,
+        c.VALIDATING,
+        "checking the dataset in a CPU-only pod before GPUs are requested",
+    )
+    return None
+
+
+def _training(
+    status: FineTuningJobStatus,
+    conds: c.Conditions,
+    spec: FineTuningJobSpec,
+    observed: Observed,
+    settings: OperatorSettings,
+) -> Failure | None:
+    job = observed.train_job
+    pods = observed.train_pods
+    status.preemptions = max(status.preemptions, sum(1 for p in pods if obs.was_disrupted(p)))
+    failed_pods = [
+        p
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and not obs.was_disrupted(p)
+    ]
+    status.retries = max(status.retries, len(failed_pods))
+
+    if job is None:
+        if not conds.is_true(c.DATASET_VALIDATED):
+            return None
+        if spec.suspend:
+            conds.set(c.SUSPENDED, True, c.SUSPENDED_BY_USER, "spec.suspend is true")
+        conds.set(c.RUNNING, False, c.NOT_STARTED, "the training Job is being created")
+        return None
+
+    if obs.job_condition(job, "Complete"):
+        conds.set(c.RUNNING, False, c.TRAINING_COMPLETE, "training finished")
+        result = obs.result_report(observed)
+        if result is None:
+            return Failure(
+                reason=FailureReason.REGISTRATION_FAILED,
+                message="the trainer exited successfully but reported no result (no 'result' in the "
+                "report ConfigMap nor in its termination message)",
+            )
+        status.metrics = dict(result.metrics)
+        status.dataset_digest = result.dataset_digest or status.dataset_digest
+        status.artifact = _artifact(
+            spec, result.artifact.path, result.artifact.kind, result.artifact.digest
+        )
+        status.progress = _completed_progress(status.progress)
+        finished = obs.job_condition(job, "Complete") or {}
+        status.completion_time = (
+            status.completion_time or _time(finished.get("lastTransitionTime")) or observed.now
+        )
+        conds.set(c.SUCCEEDED, True, c.TRAINING_COMPLETE, _metrics_message(status.metrics))
+        return None
+
+    failure = failures.classify_job_failure(job, pods)
+    if failure is not None:
+        return failure
+
+    pull = failures.image_pull_problem(pods, observed.now, settings.image_pull_timeout_seconds)
+    if pull is not None:
+        message, overdue = pull
+        if overdue:
+            return Failure(reason=FailureReason.IMAGE_PULL_FAILED, message=message)
+        conds.set(c.RUNNING, False, c.IMAGE_PULL_BACKOFF, message)
+        return None
+
+    if (job.get("spec") or {}).get("suspend"):
+        if spec.suspend:
+            conds.set(
+                c.SUSPENDED,
+                True,
+                c.SUSPENDED_BY_USER,
+                "spec.suspend is true; training resumes from the latest checkpoint when it is set back to false",
+            )
+        else:
+            conds.set(
+                c.SUSPENDED, True, c.WAITING_FOR_QUEUE, "waiting for the queue to admit the job"
+            )
+        conds.set(c.RUNNING, False, c.STOPPED, "suspended")
+        return None
+    if conds.get(c.SUSPENDED) is not None:
+        conds.set(c.SUSPENDED, False, c.NOT_SUSPENDED, "running")
+
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        started = _time((job.get("status") or {}).get("startTime")) or observed.now
+        status.start_time = status.start_time or started
+        conds.set(
+            c.RUNNING,
+            True,
+            c.TRAINER_RUNNING,
+            f"pod {obs.newest(running)['metadata']['name']} is training",
+        )
+        return None
+    waiting_reason = failures.unschedulable(pods)
+    if waiting_reason:
+        conds.set(c.RUNNING, False, c.UNSCHEDULABLE, waiting_reason)
+    elif any(obs.was_disrupted(p) for p in pods):
+        conds.set(
+            c.RUNNING,
+            False,
+            c.PREEMPTED,
+            "the trainer pod was preempted; it restarts from the latest checkpoint",
+        )
+    else:
+        conds.set(c.RUNNING, False, c.POD_PENDING, "waiting for the trainer pod to start")
+    return None
+
+
+def _finish_registration(
+    status: FineTuningJobStatus,
+    conds: c.Conditions,
+    spec: FineTuningJobSpec,
+    observed: Observed,
+    uid: str,
+) -> None:
+    if not conds.is_true(c.SUCCEEDED):
+        return
+    if not spec.registration.enabled:
+        conds.set(
+            c.REGISTERED, False, c.REGISTRATION_DISABLED, "spec.registration.enabled is false"
+        )
+        return
+    model = observed.registered_model
+    if model is None:
+        return
+    name = model["metadata"]["name"]
+    owner_uid = ((model.get("spec") or {}).get("sourceJob") or {}).get("uid")
+    if owner_uid != uid:
+        message = (
+            f"RegisteredModel {name} already records another job's model: set "
+            "spec.registration.modelName or suffix to a free name"
+        )
+        conds.set(c.REGISTERED, False, "NameTaken", message)
+        if not conds.is_true(c.FAILED):
+            status.failure = Failure(reason=FailureReason.REGISTRATION_FAILED, message=message)
+            conds.set(c.FAILED, True, FailureReason.REGISTRATION_FAILED.value, message)
+        return
+    status.registered_model = name
+    conds.set(
+        c.REGISTERED, True, c.MODEL_REGISTERED, f"RegisteredModel {name} records the trained model"
+    )
+
+
+def _metrics_message(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "training finished"
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    return f"training finished: {shown}"
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def next_check_in(
+    status: FineTuningJobStatus, observed: Observed, settings: OperatorSettings
+) -> timedelta | None:
+    """When to look again without any event: image-pull deadlines pass silently."""
+    if is_terminal(status):
+        return None
+    for condition in status.conditions:
+        if condition.type == c.RUNNING and condition.reason == c.IMAGE_PULL_BACKOFF:
+            return timedelta(seconds=max(1, settings.image_pull_timeout_seconds // 4))
+    return None

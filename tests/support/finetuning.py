@@ -1,0 +1,201 @@
+"""Building FineTuningJobs and their volumes in tests, and waiting on their status."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+
+from kubetune.api import GROUP, VERSION
+from kubetune.api.trainer import (
+    ErrorReport,
+    ResultArtifact,
+    ResultReport,
+    TrainerTermination,
+    ValidationReport,
+)
+from kubetune.dev import simulation
+from tests.support.kube import Kube, wait_for
+
+PLURAL = "finetuningjobs"
+TIMEOUT = 60
+
+BASE_SPEC: dict[str, Any] = {
+    "baseModel": {
+        "name": "kubetune/tiny-llama",
+        "volume": {"claimName": "models", "path": "tiny-llama"},
+    },
+    "dataset": {
+        "format": "JSONL",
+        "volume": {"claimName": "datasets", "path": "support.jsonl"},
+        "fields": {"prompt": "question", "completion": "answer"},
+        "preprocessing": [{"type": "filter", "condition": "length > 10"}],
+    },
+    "method": "LORA",
+    "lora": {"rank": 8},
+    "hyperparameters": {"epochs": 1, "learningRate": 2.0e-4},
+    "output": {"volume": {"claimName": "models", "path": "out"}},
+    "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"},
+}
+
+RESULT = ResultReport(
+    artifact=ResultArtifact(path="model", kind="adapter", digest="sha256:" + "ab" * 32),
+    metrics={"train_loss": 1.234, "eval_loss": 1.5, "perplexity": 4.48},
+    dataset_digest="sha256:" + "cd" * 32,
+    completed_at=datetime(2026, 11, 25, tzinfo=UTC),
+)
+VALIDATION = ValidationReport(
+    rows_read=120,
+    rows_kept=100,
+    train_rows=90,
+    eval_rows=10,
+    tokens=4321,
+    digest="sha256:" + "cd" * 32,
+)
+
+
+def success_message() -> str:
+    """What a trainer that validated and trained would leave as its termination message."""
+    return TrainerTermination(validation=VALIDATION, result=RESULT).model_dump_json(
+        by_alias=True, exclude_none=True
+    )
+
+
+def error_message(reason: str, message: str) -> str:
+    return TrainerTermination(error=ErrorReport(reason=reason, message=message)).model_dump_json(
+        by_alias=True
+    )
+
+
+def manifest(
+    name: str,
+    *,
+    outcome: str = "succeed",
+    duration: str | None = None,
+    exit_code: int | None = None,
+    message: str | None = None,
+    labels: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A FineTuningJob whose pods the simulated nodes run to the given outcome."""
+    body_spec = copy.deepcopy(BASE_SPEC)
+    body_spec.update(spec)
+    annotations = simulation.pod_annotations(
+        outcome,
+        duration=duration,
+        exit_code=exit_code,
+        message=success_message() if message is None and outcome == "succeed" else message,
+    )
+    pod_metadata = body_spec.setdefault("podMetadata", {})
+    pod_metadata.setdefault("annotations", {}).update(annotations)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuningJob",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": body_spec,
+    }
+
+
+def create_volumes(kube: Kube, namespace: str, *claims: str) -> None:
+    """Bound PersistentVolumeClaims (statically provisioned, nothing is mounted on simulated nodes)."""
+    for claim in claims or ("models", "datasets"):
+        pv_name = f"{namespace}-{claim}"[:63]
+        kube.core.create_persistent_volume(
+            client.V1PersistentVolume(
+                metadata=client.V1ObjectMeta(name=pv_name),
+                spec=client.V1PersistentVolumeSpec(
+                    capacity={"storage": "10Gi"},
+                    access_modes=["ReadWriteOnce"],
+                    storage_class_name="",
+                    host_path=client.V1HostPathVolumeSource(
+                        path=f"/var/lib/kubetune-test/{pv_name}"
+                    ),
+                    claim_ref=client.V1ObjectReference(namespace=namespace, name=claim),
+                ),
+            )
+        )
+        kube.core.create_namespaced_persistent_volume_claim(
+            namespace,
+            client.V1PersistentVolumeClaim(
+                metadata=client.V1ObjectMeta(name=claim),
+                spec=client.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    storage_class_name="",
+                    volume_name=pv_name,
+                    resources=client.V1VolumeResourceRequirements(requests={"storage": "10Gi"}),
+                ),
+            ),
+        )
+    for claim in claims or ("models", "datasets"):
+        wait_for(
+            kube.core.list_namespaced_persistent_volume_claim,
+            lambda pvc: pvc.status.phase == "Bound",
+            namespace=namespace,
+            field_selector=f"metadata.name={claim}",
+            timeout=TIMEOUT,
+            describe=f"PVC {claim} bound",
+        )
+
+
+def create(kube: Kube, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    return kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def get(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_spec(kube: Kube, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
+    )
+
+
+def lister(kube: Kube, namespace: str, plural: str = PLURAL) -> Callable[..., Any]:
+    """A list function for custom objects that `wait_for` and kubernetes.watch both accept."""
+
+    def list_custom_objects(**kwargs: Any) -> Any:
+        return kube.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, **kwargs
+        )
+
+    return list_custom_objects
+
+
+def wait_status(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    describe: str,
+    timeout: float = TIMEOUT,
+) -> dict[str, Any]:
+    """Wait (on a watch) until the FineTuningJob's status satisfies `predicate`."""
+    return wait_for(
+        lister(kube, namespace),
+        lambda obj: predicate(obj.get("status") or {}),
+        field_selector=f"metadata.name={name}",
+        timeout=timeout,
+        describe=f"{name}: {describe}",
+    )
+
+
+def wait_phase(
+    kube: Kube, namespace: str, name: str, phase: str, timeout: float = TIMEOUT
+) -> dict[str, Any]:
+    return wait_status(
+        kube,
+        namespace,
+        name,
+        lambda s: s.get("phase") == phase,
+        describe=f"phase {phase}",
+        timeout=timeout,
+    )
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)

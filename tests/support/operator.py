@@ -1,0 +1,91 @@
+"""Run the operator as a real process against the test cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m kubetune_operator` with its log in a file; can be killed and started again."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, **settings: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
+        self.health_port = 0
+
+    def start(self, timeout: float = 60) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator")])
+        env.pop("KUBECONFIG", None)
+        args = [
+            sys.executable,
+            "-m",
+            "kubetune_operator",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-port",
+            str(self.health_port),
+        ]
+        for flag, value in self.settings.items():
+            args += [f"--{flag.replace('_', '-')}", value]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"operator exited with {self.process.returncode}; see {self.log_path}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)  # process start-up: there is nothing to watch yet
+        raise RuntimeError(f"operator not healthy after {timeout}s; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, like a crashed or evicted pod."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as response:
+            return response.read().decode()
