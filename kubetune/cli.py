@@ -77,5 +77,93 @@ def dev_kubeconfig(name: str) -> None:
     click.echo(str(cluster.kubeconfig))
 
 
+@main.command("train")
+@click.option(
+    "-f",
+    "--filename",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="FineTuningJob manifest.",
+)
+@click.option("--local", is_flag=True, help="Train on this machine instead of the cluster.")
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="Map a PersistentVolumeClaim to a local folder (default ./<claimName>).",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: the output claim's folder).",
+)
+@click.option("--validate-only", is_flag=True, help="Check the dataset and stop.")
+def train(
+    filename: str,
+    local: bool,
+    volumes: tuple[str, ...],
+    output_dir: str | None,
+    validate_only: bool,
+) -> None:
+    """Train a FineTuningJob manifest (with --local, on this machine)."""
+    if not local:
+        raise click.ClickException(
+            "submitting to a cluster is not available yet: apply the manifest with kubectl, "
+            "or add --local to train on this machine"
+        )
+    from pathlib import Path
+
+    from kubetune.local import (
+        LocalRunError,
+        build_local_run,
+        load_manifest,
+        parse_volumes,
+        run_local,
+    )
+
+    try:
+        job = load_manifest(filename)
+        run = build_local_run(job, parse_volumes(volumes), Path(output_dir) if output_dir else None)
+    except LocalRunError as err:
+        raise click.ClickException(str(err)) from err
+    code, termination = run_local(run, mode="validate" if validate_only else "train")
+    if termination and termination.error:
+        raise click.ClickException(f"{termination.error.reason}: {termination.error.message}")
+    if code != 0:
+        raise click.ClickException(f"the trainer stopped with exit code {code}")
+    if termination and termination.validation and validate_only:
+        report = termination.validation
+        click.echo(
+            f"dataset ok: {report.rows_kept}/{report.rows_read} rows, {report.train_rows} train, {report.eval_rows} eval, {report.tokens} tokens"
+        )
+        for line in report.steps:
+            click.echo(f"  {line}")
+    if termination and termination.result:
+        result = termination.result
+        click.echo(f"model: {run.output / result.artifact.path} ({result.artifact.digest})")
+        if result.artifact.merged_path:
+            click.echo(f"merged: {run.output / result.artifact.merged_path}")
+        for key, value in result.metrics.items():
+            click.echo(f"  {key}: {value:.6g}")
+
+
+@main.command(
+    "operator",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def operator_command(ctx: click.Context) -> None:
+    """Run the kubetune operator (see `kubetune operator --help`)."""
+    # Imported here: kopf and the operator load only for this command.
+    try:
+        from kubetune_operator.main import command
+    except ImportError as err:
+        raise click.ClickException(f"the operator is not installed: {err}") from err
+    command.main(ctx.args, prog_name="kubetune operator")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,134 @@
+"""Rows to token ids and labels.
+
+Labels are the input ids with -100 where no loss is taken: the prompt of a
+prompt/completion pair, everything but assistant turns in chat data. The EOS
+that ends an example is always a label, even when the tokenizer pads with the
+EOS token: padding is masked by position (attention mask), never by token id,
+so the model learns to stop.
+
+Examples longer than max_seq_length are truncated on the right and counted;
+a row left with no label tokens after truncation is an error naming the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kubetune_trainer.errors import InvalidConfig, InvalidDataset
+from kubetune_trainer.records import ExampleShape, Record, messages_of, string_field
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids (not shifted); IGNORE_INDEX = no loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def label_tokens(self) -> int:
+        """Tokens the loss is taken on (predicting position i+1 from i)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    examples: list[Example]
+    tokens: int
+    truncated: int
+
+
+class Encoder:
+    def __init__(self, tokenizer, shape: ExampleShape, max_seq_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.shape = shape
+        self.max_seq_length = max_seq_length
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise InvalidConfig("the base model's tokenizer has no EOS token")
+        if shape.kind == "messages" and not getattr(tokenizer, "chat_template", None):
+            raise InvalidConfig(
+                "chat data needs a chat template, and the base model's tokenizer has none"
+            )
+
+    def encode_all(self, records: Sequence[Record]) -> EncodedSplit:
+        examples, truncated = [], 0
+        for record in records:
+            example, was_truncated = self.encode(record)
+            examples.append(example)
+            truncated += was_truncated
+        return EncodedSplit(examples, sum(len(e) for e in examples), truncated)
+
+    def encode(self, record: Record) -> tuple[Example, bool]:
+        if self.shape.kind == "text":
+            ids = self._with_eos(self._tokens(string_field(record, self.shape.text or "")))
+            labels = list(ids)
+        elif self.shape.kind == "prompt_completion":
+            prompt = self._tokens(string_field(record, self.shape.prompt or ""))
+            completion = self._with_eos(
+                self._tokens(string_field(record, self.shape.completion or ""), special=False)
+            )
+            ids = prompt + completion
+            labels = [IGNORE_INDEX] * len(prompt) + completion
+        else:
+            ids, labels = self._encode_chat(record)
+        truncated = len(ids) > self.max_seq_length
+        example = Example(ids[: self.max_seq_length], labels[: self.max_seq_length])
+        if example.label_tokens == 0:
+            raise InvalidDataset(
+                f"{record.where}: no tokens left to learn from"
+                + (
+                    f" after truncation to maxSeqLength {self.max_seq_length} (the example has "
+                    f"{len(ids)} tokens); raise hyperparameters.maxSeqLength or drop long rows "
+                    "with a filter such as `token_count < N`"
+                    if truncated
+                    else " (the completion or assistant turn is empty)"
+                )
+            )
+        return example, truncated
+
+    def _tokens(self, text: str, special: bool = True) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._single_bos(ids)
+
+    def _single_bos(self, ids: list[int]) -> list[int]:
+        # Templates that write the BOS themselves plus a tokenizer that adds one give two.
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            return ids[1:]
+        return ids
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        return ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id]
+
+    def _encode_chat(self, record: Record) -> tuple[list[int], list[int]]:
+        """Render with the chat template; label tokens that start inside an assistant turn
+        (its content and the template's end-of-turn text)."""
+        messages = messages_of(record, self.shape.messages or "")
+        render = self.tokenizer.apply_chat_template
+        text = render(messages, tokenize=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(render(messages[:index], tokenize=False, add_generation_prompt=True))
+            end = len(render(messages[: index + 1], tokenize=False))
+            spans.append((start, end))
+        bos_text = self.tokenizer.bos_token
+        add_special = not (bos_text and text.startswith(bos_text))
+        encoded = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        offsets = list(encoded["offset_mapping"])
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            ids, offsets = ids[1:], offsets[1:]
+        labels = [
+            token
+            if any(start <= begin < end for start, end in spans) and end_offset > begin
+            else IGNORE_INDEX
+            for token, (begin, end_offset) in zip(ids, offsets, strict=True)
+        ]
+        return ids, labels

@@ -1,0 +1,125 @@
+"""The trained model on the output volume: weights, tokenizer, model card, merged copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from kubetune.api.finetuningjob import FineTuningMethod
+from kubetune.api.trainer import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256:<hex> over the weight files of a folder (names and contents, sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise RuntimeError(f"no weight files in {folder}")
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def artifact_kind(method: FineTuningMethod) -> str:
+    return "full" if method == FineTuningMethod.FULL else "adapter"
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """Adapter (peft) or full weights as safetensors, with the tokenizer, written atomically."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def dequantize_linear4bit(model, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes 4-bit linear layer with a plain linear layer holding
+    its dequantised weights: the exact weights the quantised model computes with."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        linear = torch.nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
+        )
+        linear.to(weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, linear)
+    for attribute in ("quantization_config",):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    model.hf_quantizer = None
+
+
+def merge_adapter(base_model, adapter_folder: Path, tokenizer, folder: Path) -> None:
+    """Load the saved adapter onto a (dequantised, for QLoRA) base, merge, and save."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base_model, adapter_folder).merge_and_unload()
+    save_model(merged, tokenizer, folder)
+
+
+def write_model_card(
+    config: TrainerConfig, folder: Path, metrics: dict[str, float], digest: str, dataset_digest: str
+) -> None:
+    spec = config.spec
+    method = spec.method
+    metadata = {
+        "base_model": spec.base_model.name,
+        "base_model_revision": spec.base_model.revision,
+        "library_name": "transformers" if method == FineTuningMethod.FULL else "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ["kubetune", method.value.lower()],
+        "kubetune": {
+            "job": f"{config.job.namespace}/{config.job.name}",
+            "job_uid": config.job.uid,
+            "method": method.value,
+            "dataset_format": spec.dataset.format.value,
+            "dataset_digest": dataset_digest,
+            "weights_digest": digest,
+            "seed": spec.seed,
+            "hyperparameters": config.hyperparameters.model_dump(mode="json", by_alias=True),
+            "metrics": metrics,
+        },
+    }
+    front_matter = yaml.safe_dump(metadata, sort_keys=False)
+    body = (
+        f"# {config.job.name}\n\n"
+        f"{method.value} fine-tune of `{spec.base_model.name}` by kubetune "
+        f"(FineTuningJob `{config.job.namespace}/{config.job.name}`).\n\n"
+        "| metric | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v:.6g} |\n" for k, v in metrics.items())
+    )
+    (folder / "README.md").write_text(f"---\n{front_matter}---\n\n{body}", encoding="utf-8")
+
+
+def write_json(path: Path, document: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
+    partial.replace(path)
