@@ -1,0 +1,196 @@
+"""How the operator scales: N FineTuningJobs from creation to Job and to Succeeded.
+
+For each N (default 100 and 1000) on a fresh local cluster with simulated GPU
+nodes, it measures, in the same run:
+
+* the ceiling: the API server creating N batch Jobs directly (no operator);
+* with the operator: time until all N training Jobs exist, the per-job
+  latency from FineTuningJob create to Job create (p50, p99), time until all N
+  report Succeeded (validation skipped, 1 s simulated training, registration
+  included), API requests the operator sent per job, and its peak memory.
+
+Run by hand or with `make bench`: python bench/operator_scale.py [--sizes 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client, watch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "operator")]
+
+from kubetune.dev.cluster import LocalCluster  # noqa: E402
+from kubetune.dev.nodes import NodeSpec  # noqa: E402
+from tests.support import finetuning as ft  # noqa: E402
+from tests.support.kube import Kube  # noqa: E402
+from tests.support.operator import OperatorProcess  # noqa: E402
+
+CREATE_THREADS = 16
+
+
+def fleet(nodes: int) -> list[NodeSpec]:
+    return [
+        NodeSpec(name=f"bench-gpu-{i}", pool="bench", cpu="256", memory="2Ti", gpus=8,
+                 gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559)
+        for i in range(nodes)
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def watch_until(list_fn, namespace: str, count: int, done, timeout: float, on_event=None) -> float:
+    """Watch until `done(seen)` holds for `count` objects; return the time it happened."""
+    seen: dict[str, object] = {}
+    stream = watch.Watch()
+    deadline = time.monotonic() + timeout
+    for event in stream.stream(list_fn, namespace=namespace, timeout_seconds=int(timeout)):
+        obj = event["object"]
+        name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
+        if on_event:
+            on_event(name, obj)
+        if done(obj):
+            seen[name] = obj
+        if len(seen) >= count or time.monotonic() > deadline:
+            stream.stop()
+    if len(seen) < count:
+        raise TimeoutError(f"only {len(seen)} of {count} done after {timeout}s")
+    return time.monotonic()
+
+
+def raw_job(name: str) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "suspend": True,  # the ceiling is the API server's, not the scheduler's
+            "template": {"spec": {"restartPolicy": "Never",
+                                  "containers": [{"name": "c", "image": "registry.invalid/x:1"}]}},
+        },
+    }
+
+
+def measure_ceiling(kube: Kube, namespace: str, n: int) -> float:
+    started = time.monotonic()
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        list(pool.map(lambda i: kube.batch.create_namespaced_job(namespace, raw_job(f"raw-{i}")), range(n)))
+    return time.monotonic() - started
+
+
+def api_requests(operator: OperatorProcess) -> float:
+    total = 0.0
+    for line in operator.metrics().splitlines():
+        if line.startswith("kubetune_operator_api_requests_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def peak_memory_mib(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+
+
+def run(n: int, nodes: int, workers: int) -> dict[str, float]:
+    cluster = LocalCluster(f"bench-{n}")
+    cluster.down()
+    cluster.up()
+    cluster.ensure_nodes(fleet(nodes))
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s")
+    kube = Kube.from_kubeconfig(cluster.kubeconfig)
+    kube.api.configuration.connection_pool_maxsize = CREATE_THREADS * 2
+    for namespace in ("ceiling", "bench"):
+        kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    ft.create_volumes(kube, "bench")
+
+    ceiling = measure_ceiling(kube, "ceiling", n)
+
+    log = Path(tempfile.mkdtemp()) / "operator.log"
+    operator = OperatorProcess(cluster.kubeconfig, log, workers=str(workers))
+    operator.start()
+    try:
+        requests_before = api_requests(operator)
+        created_at: dict[str, float] = {}
+        job_at: dict[str, float] = {}
+
+        def note_job(name: str, _obj: object) -> None:
+            owner = name.removesuffix("-train")
+            job_at.setdefault(owner, time.monotonic())
+
+        jobs_seen = threading.Thread(target=lambda: results.__setitem__(
+            "jobs", watch_until(kube.batch.list_namespaced_job, "bench", n, lambda _: True, 600, note_job)))
+        succeeded = threading.Thread(target=lambda: results.__setitem__(
+            "succeeded", watch_until(ft.lister(kube, "bench"), "bench", n,
+                                     lambda o: (o.get("status") or {}).get("phase") == "Succeeded", 1800)))
+        results: dict[str, float] = {}
+        jobs_seen.start()
+        succeeded.start()
+
+        def create(i: int) -> None:
+            name = f"ftj-{i:05d}"
+            body = ft.manifest(name, dataset={**ft.BASE_SPEC["dataset"], "validateFirst": False})
+            created_at[name] = time.monotonic()
+            ft.create(kube, "bench", body)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(CREATE_THREADS) as pool:
+            list(pool.map(create, range(n)))
+        created = time.monotonic() - started
+        jobs_seen.join()
+        succeeded.join()
+        latencies = [job_at[name] - created_at[name] for name in created_at]
+        requests = api_requests(operator) - requests_before
+        peak, rss = peak_memory_mib(operator.process.pid)
+    finally:
+        operator.stop()
+        cluster.down()
+    return {
+        "n": n,
+        "ceiling_s": ceiling,
+        "create_s": created,
+        "all_jobs_s": results["jobs"] - started,
+        "all_succeeded_s": results["succeeded"] - started,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "requests_per_job": requests / n,
+        "peak_mib": peak,
+        "rss_mib": rss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--nodes", type=int, default=32, help="simulated 8-GPU nodes")
+    parser.add_argument("--workers", type=int, default=8, help="operator reconcile workers")
+    args = parser.parse_args()
+    rows = [run(n, args.nodes, args.workers) for n in args.sizes]
+    print()
+    print(f"{'N':>6} {'ceiling':>9} {'jobs':>9} {'x ceiling':>9} {'succeeded':>10} {'p50':>8} {'p99':>8} "
+          f"{'req/job':>8} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['n']:>6} {r['ceiling_s']:>8.1f}s {r['all_jobs_s']:>8.1f}s {r['all_jobs_s'] / r['ceiling_s']:>8.2f}x "
+              f"{r['all_succeeded_s']:>9.1f}s {r['p50_ms']:>6.0f}ms {r['p99_ms']:>6.0f}ms "
+              f"{r['requests_per_job']:>8.1f} {r['peak_mib']:>9.0f}")
+    print("\nceiling: the same N batch Jobs created directly on the same API server, "
+          f"{CREATE_THREADS} client threads; jobs: until every FineTuningJob's training Job exists; "
+          "succeeded: until every FineTuningJob is Succeeded (1 s simulated training, RegisteredModel created).")
+
+
+if __name__ == "__main__":
+    main()
