@@ -50,12 +50,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def watch_until(list_fn, namespace: str, count: int, done, timeout: float, on_event=None) -> float:
+def watch_until(list_fn, count: int, done, timeout: float, on_event=None, **list_kwargs) -> float:
     """Watch until `done(seen)` holds for `count` objects; return the time it happened."""
     seen: dict[str, object] = {}
     stream = watch.Watch()
     deadline = time.monotonic() + timeout
-    for event in stream.stream(list_fn, namespace=namespace, timeout_seconds=int(timeout)):
+    for event in stream.stream(list_fn, timeout_seconds=int(timeout), **list_kwargs):
         obj = event["object"]
         name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
         if on_event:
@@ -133,9 +133,9 @@ def run(n: int, nodes: int, workers: int) -> dict[str, float]:
             job_at.setdefault(owner, time.monotonic())
 
         jobs_seen = threading.Thread(target=lambda: results.__setitem__(
-            "jobs", watch_until(kube.batch.list_namespaced_job, "bench", n, lambda _: True, 600, note_job)))
+            "jobs", watch_until(kube.batch.list_namespaced_job, n, lambda _: True, 600, note_job, namespace="bench")))
         succeeded = threading.Thread(target=lambda: results.__setitem__(
-            "succeeded", watch_until(ft.lister(kube, "bench"), "bench", n,
+            "succeeded", watch_until(ft.lister(kube, "bench"), n,
                                      lambda o: (o.get("status") or {}).get("phase") == "Succeeded", 1800)))
         results: dict[str, float] = {}
         jobs_seen.start()
@@ -155,6 +155,9 @@ def run(n: int, nodes: int, workers: int) -> dict[str, float]:
         succeeded.join()
         latencies = [job_at[name] - created_at[name] for name in created_at]
         requests = api_requests(operator) - requests_before
+        breakdown = [line for line in operator.metrics().splitlines()
+                     if line.startswith(("kubetune_operator_api_requests_total{", "kubetune_reconcile_total{"))]
+        print(f"N={n}: " + "; ".join(breakdown))
         peak, rss = peak_memory_mib(operator.process.pid)
     finally:
         operator.stop()

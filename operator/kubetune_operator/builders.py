@@ -32,7 +32,7 @@ VOLUMES_DIR = "/mnt/volumes"
 CACHE_DIR = "/cache"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-TRAINER_UID = 1000
+TRAINER_UID = 10001  # the trainer image's user
 
 Obj = dict[str, Any]
 

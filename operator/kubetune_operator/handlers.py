@@ -79,7 +79,8 @@ async def _worker(memo: kopf.Memo) -> None:
             log.exception("reconcile %s/%s crashed; retrying in %.1fs", *key, delay)
         else:
             queue.succeeded(key)
-            queue.add_after(key, again if again is not None else config.resync_seconds)
+            if again is not None:
+                queue.add_after(key, again)
         finally:
             queue.done(key)
 
@@ -98,10 +99,17 @@ def _enqueue(memo: kopf.Memo, key: Key) -> None:
 
 @kopf.on.event(GROUP, VERSION, ftj.PLURAL)
 def finetuningjob_changed(
-    event: dict, name: str, namespace: str, memo: kopf.Memo, **_: Any
+    event: dict, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any
 ) -> None:
     if event.get("type") == "DELETED":
         metrics.forget(namespace, name)
+        return
+    # Our own status writes come back as events too: skip those. New objects,
+    # the initial listing and spec changes (a new generation) need a look;
+    # the periodic resync covers the rest (a label added later, say).
+    generation = body.get("metadata", {}).get("generation")
+    seen = (body.get("status") or {}).get("observedGeneration")
+    if event.get("type") == "MODIFIED" and generation == seen:
         return
     _enqueue(memo, (namespace, name))
 

@@ -72,9 +72,9 @@ def _publish_phases() -> None:
 class CountingApiClient(client.ApiClient):
     """An ApiClient that counts its requests by verb."""
 
-    def request(self, method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def call_api(self, method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
         API_REQUESTS.labels(method.upper()).inc()
-        return super().request(method, url, *args, **kwargs)
+        return super().call_api(method, url, *args, **kwargs)
 
 
 def serve(port: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,10 +30,12 @@ from kubetune.api.finetuningjob import (
 )
 from kubetune_operator import conditions as c
 from kubetune_operator import metrics, naming
+from kubetune_operator import observed as obs
 from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.plan import Plan, plan
+from kubetune_operator.registration import registered_model_name
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import derive_status, next_check_in
+from kubetune_operator.status import derive_status, is_terminal, next_check_in
 
 log = logging.getLogger("kubetune.operator")
 
@@ -61,56 +63,79 @@ class Clients:
 def observe(
     clients: Clients, body: Obj, spec: FineTuningJobSpec, status: FineTuningJobStatus
 ) -> Observed:
+    """Read what the job's status and plan depend on, and nothing more.
+
+    Children are created in a fixed order (ConfigMaps, ServiceAccount and RBAC,
+    then Jobs), so once a training Job exists the others do too.
+    """
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    now = utcnow()
+    if status.phase == Phase.SUCCEEDED:
+        return Observed(now=now)  # a finished record: nothing left to look at
     selector = f"{naming.LABEL_JOB_UID}={uid}"
-    jobs = clients.plain(clients.batch.list_namespaced_job(namespace, label_selector=selector))[
-        "items"
-    ]
-    jobs_by_name = {job["metadata"]["name"]: job for job in jobs}
+    jobs = clients.plain(clients.batch.list_namespaced_job(namespace, label_selector=selector))
+    jobs_by_name = {job["metadata"]["name"]: job for job in jobs["items"]}
     train_job = jobs_by_name.get(naming.train_job_name(name))
     validate_job = jobs_by_name.get(naming.validate_job_name(name))
+    if status.phase in (Phase.FAILED, Phase.CANCELLED):
+        return Observed(now=now, train_job=train_job, validate_job=validate_job)
+
     pods: list[Obj] = []
-    if jobs:
+    if jobs_by_name:
         pods = clients.plain(clients.core.list_namespaced_pod(namespace, label_selector=selector))[
             "items"
         ]
-    config_maps = clients.plain(
-        clients.core.list_namespaced_config_map(namespace, label_selector=selector)
-    )["items"]
-    by_name = {cm["metadata"]["name"]: cm for cm in config_maps}
-    report_map = by_name.get(naming.report_config_map_name(name))
-    accounts = clients.plain(
-        clients.core.list_namespaced_service_account(namespace, label_selector=selector)
-    )["items"]
+    config_map = service_account = None
+    if train_job is None:
+        config_maps = clients.plain(
+            clients.core.list_namespaced_config_map(namespace, label_selector=selector)
+        )
+        by_name = {cm["metadata"]["name"]: cm for cm in config_maps["items"]}
+        config_map = by_name.get(naming.config_map_name(name))
+        report_map = by_name.get(naming.report_config_map_name(name))
+        accounts = clients.plain(
+            clients.core.list_namespaced_service_account(namespace, label_selector=selector)
+        )
+        service_account = accounts["items"][0] if accounts["items"] else None
+    else:
+        report_map = _get(
+            clients.core.read_namespaced_config_map,
+            clients,
+            naming.report_config_map_name(name),
+            namespace,
+        )
 
     registered = None
-    if any(cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions) or (
-        train_job is not None
-        and any(
-            cond.get("type") == "Complete" and cond.get("status") == "True"
-            for cond in (train_job.get("status") or {}).get("conditions") or []
-        )
+    if obs.job_condition(train_job, "Complete") or any(
+        cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions
     ):
-        from kubetune_operator.registration import registered_model_name
-
         registered = _get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
 
     def component(pod: Obj) -> str:
         return (pod["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT, "")
 
     return Observed(
-        now=utcnow(),
+        now=now,
         validate_job=validate_job,
         train_job=train_job,
         validate_pods=[p for p in pods if component(p) == naming.COMPONENT_VALIDATOR],
         train_pods=[p for p in pods if component(p) == naming.COMPONENT_TRAINER],
         report=(report_map or {}).get("data") or {},
-        config_map=by_name.get(naming.config_map_name(name)),
+        config_map=config_map,
         report_config_map=report_map,
-        service_account=accounts[0] if accounts else None,
+        service_account=service_account,
         registered_model=registered,
     )
+
+
+def _get(read: Any, clients: Clients, name: str, namespace: str) -> Obj | None:
+    try:
+        return clients.plain(read(name, namespace))
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
 
 
 def _get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj | None:
@@ -122,33 +147,58 @@ def _get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj
         raise
 
 
-def _create(clients: Clients, obj: Obj) -> None:
-    """Create if absent: an existing object (409) is fine."""
-    kind, namespace = obj["kind"], obj["metadata"]["namespace"]
-    create = {
-        "ConfigMap": clients.core.create_namespaced_config_map,
-        "ServiceAccount": clients.core.create_namespaced_service_account,
-        "Role": clients.rbac.create_namespaced_role,
-        "RoleBinding": clients.rbac.create_namespaced_role_binding,
-        "Job": clients.batch.create_namespaced_job,
-    }.get(kind)
-    try:
-        if create is not None:
-            create(namespace, obj, field_manager=naming.FIELD_MANAGER)
-        else:
-            group, version = obj["apiVersion"].split("/")
-            clients.custom.create_namespaced_custom_object(
+def _create(clients: Clients, obj: Obj) -> Obj:
+    """Create if absent; returns the object as it now exists (ours or one made before)."""
+    kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if kind == rm.KIND:
+        group, version = obj["apiVersion"].split("/")
+        try:
+            return clients.custom.create_namespaced_custom_object(
                 group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
             )
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        return clients.custom.get_namespaced_custom_object(
+            group, version, namespace, rm.PLURAL, name
+        )
+    create, read = {
+        "ConfigMap": (
+            clients.core.create_namespaced_config_map,
+            clients.core.read_namespaced_config_map,
+        ),
+        "ServiceAccount": (
+            clients.core.create_namespaced_service_account,
+            clients.core.read_namespaced_service_account,
+        ),
+        "Role": (clients.rbac.create_namespaced_role, clients.rbac.read_namespaced_role),
+        "RoleBinding": (
+            clients.rbac.create_namespaced_role_binding,
+            clients.rbac.read_namespaced_role_binding,
+        ),
+        "Job": (clients.batch.create_namespaced_job, clients.batch.read_namespaced_job),
+    }[kind]
+    try:
+        return clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
     except ApiException as err:
         if err.status != 409:
             raise
+    return clients.plain(read(name, namespace))
 
 
-def apply_plan(clients: Clients, body: Obj, changes: Plan) -> None:
+def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -> Observed:
+    """Make the planned changes; returns the observation updated with their results."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    updates: dict[str, Any] = {}
     for obj in changes.create:
-        _create(clients, obj)
+        created = _create(clients, obj)
+        if obj["kind"] == "Job":
+            key = (
+                "train_job"
+                if created["metadata"]["name"] == naming.train_job_name(name)
+                else "validate_job"
+            )
+            updates[key] = created
     if changes.replace_config is not None:
         cm = changes.replace_config
         clients.core.patch_namespaced_config_map(
@@ -158,11 +208,13 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan) -> None:
             field_manager=naming.FIELD_MANAGER,
         )
     if changes.set_train_suspend is not None:
-        clients.batch.patch_namespaced_job(
-            naming.train_job_name(name),
-            namespace,
-            {"spec": {"suspend": changes.set_train_suspend}},
-            field_manager=naming.FIELD_MANAGER,
+        updates["train_job"] = clients.plain(
+            clients.batch.patch_namespaced_job(
+                naming.train_job_name(name),
+                namespace,
+                {"spec": {"suspend": changes.set_train_suspend}},
+                field_manager=naming.FIELD_MANAGER,
+            )
         )
     if changes.delete_train_job:
         try:
@@ -172,8 +224,11 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan) -> None:
         except ApiException as err:
             if err.status != 404:
                 raise
+        updates["train_job"] = None
+        updates["train_pods"] = []
     if changes.register is not None:
-        _create(clients, changes.register)
+        updates["registered_model"] = _create(clients, changes.register)
+    return replace(observed, **updates)
 
 
 def _events(
@@ -249,7 +304,7 @@ def reconcile(
 ) -> float | None:
     """Bring one FineTuningJob's children and status up to date.
 
-    Returns seconds until it should be looked at again without an event, if ever.
+    Returns seconds until it should be looked at again without an event (None: never).
     """
     started = time.monotonic()
     try:
@@ -275,15 +330,16 @@ def reconcile(
     status = derive_status(body, spec, previous, observed, settings)
     changes = plan(body, spec, status, observed, settings)
     if not changes.empty():
-        apply_plan(clients, body, changes)
+        observed = apply_plan(clients, body, changes, observed)
         # Build on the status just derived: what the plan removed (a stuck Job
         # of a failed run, say) must not erase what was learnt from it.
-        observed = observe(clients, body, spec, status)
         status = derive_status(body, spec, status, observed, settings)
     _write_status(clients, body, previous, status)
     metrics.observe_reconcile(namespace, name, status.phase.value, time.monotonic() - started)
+    if is_terminal(status):
+        return None  # finished: only a change to the object brings it back
     delay = next_check_in(status, observed, settings)
-    return delay.total_seconds() if delay else None
+    return delay.total_seconds() if delay else float(settings.resync_seconds)
 
 
 def _write_status(

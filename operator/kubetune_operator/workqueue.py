@@ -23,6 +23,7 @@ class WorkQueue:
         self._processing: set[Key] = set()
         self._dirty: set[Key] = set()
         self._delayed: list[tuple[float, Key]] = []
+        self._due: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
         self._wakeup = asyncio.Event()
         self._on_depth = on_depth or (lambda _: None)
@@ -37,7 +38,11 @@ class WorkQueue:
             self._on_depth(len(self._queued))
 
     def add_after(self, key: Key, seconds: float) -> None:
-        heapq.heappush(self._delayed, (time.monotonic() + seconds, key))
+        """Look at `key` again in `seconds`, replacing any earlier such plan for it
+        (each reconcile reschedules its own resync: they must not pile up)."""
+        when = time.monotonic() + seconds
+        self._due[key] = when
+        heapq.heappush(self._delayed, (when, key))
         self._wakeup.set()
 
     def retry(self, key: Key) -> float:
@@ -68,8 +73,10 @@ class WorkQueue:
         while True:
             now = time.monotonic()
             while self._delayed and self._delayed[0][0] <= now:
-                _, key = heapq.heappop(self._delayed)
-                self.add(key)
+                when, key = heapq.heappop(self._delayed)
+                if self._due.get(key) == when:  # else superseded by a later plan
+                    del self._due[key]
+                    self.add(key)
             timeout = self._delayed[0][0] - now if self._delayed else None
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
