@@ -39,8 +39,8 @@ cluster-down: env ## Stop the local cluster and delete its state
 	@$(PY) -m kubetune dev down
 
 .PHONY: crds
-crds: env ## Regenerate crds/ from the API models
-	@$(PY) -m kubetune.api.crd crds
+crds: env ## Regenerate crds/ and the Helm chart's copy from the API models
+	@$(PY) -m kubetune.api.crd crds charts/kubetune/files/crds
 
 .PHONY: operator
 operator: env ## Run the operator against the local cluster

@@ -6,8 +6,9 @@ int-or-string, bounds in OpenAPI v3.0 form, free-form objects marked to keep
 unknown fields, CEL rules carried over, and every object given a description
 so that `kubectl explain` reads like documentation.
 
-`python -m kubetune.api.crd` rewrites crds/ (run by `make crds`); a test fails
-when the files differ from what this module generates.
+`python -m kubetune.api.crd` rewrites crds/ and the Helm chart's copy in
+charts/kubetune/files/crds/ (run by `make crds`); a test fails when either
+differs from what this module generates.
 """
 
 from __future__ import annotations
@@ -316,6 +317,10 @@ def registeredmodel_crd() -> Schema:
     return _crd(rm.KIND, rm.PLURAL, rm.SHORT_NAME, root, columns, ["kubetune"], status=False)
 
 
+# Where `python -m kubetune.api.crd` writes, relative to the repository root:
+# the plain manifests, and the Helm chart's copy (rendered by its templates).
+TARGETS = ("crds", "charts/kubetune/files/crds")
+
 HEADER = "# Generated from the kubetune.api models by `make crds`. Do not edit.\n"
 
 
@@ -339,6 +344,6 @@ def write(directory: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for target in sys.argv[1:] or ["crds"]:
+    for target in sys.argv[1:] or TARGETS:
         for path in write(Path(target)):
             print(path)
