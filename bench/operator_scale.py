@@ -39,8 +39,15 @@ CREATE_THREADS = 16
 
 def fleet(nodes: int) -> list[NodeSpec]:
     return [
-        NodeSpec(name=f"bench-gpu-{i}", pool="bench", cpu="256", memory="2Ti", gpus=8,
-                 gpu_product="NVIDIA-H100-80GB-HBM3", gpu_memory_mib=81559)
+        NodeSpec(
+            name=f"bench-gpu-{i}",
+            pool="bench",
+            cpu="256",
+            memory="2Ti",
+            gpus=8,
+            gpu_product="NVIDIA-H100-80GB-HBM3",
+            gpu_memory_mib=81559,
+        )
         for i in range(nodes)
     ]
 
@@ -76,8 +83,12 @@ def raw_job(name: str) -> dict:
         "metadata": {"name": name},
         "spec": {
             "suspend": True,  # the ceiling is the API server's, not the scheduler's
-            "template": {"spec": {"restartPolicy": "Never",
-                                  "containers": [{"name": "c", "image": "registry.invalid/x:1"}]}},
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "registry.invalid/x:1"}],
+                }
+            },
         },
     }
 
@@ -85,7 +96,11 @@ def raw_job(name: str) -> dict:
 def measure_ceiling(kube: Kube, namespace: str, n: int) -> float:
     started = time.monotonic()
     with ThreadPoolExecutor(CREATE_THREADS) as pool:
-        list(pool.map(lambda i: kube.batch.create_namespaced_job(namespace, raw_job(f"raw-{i}")), range(n)))
+        list(
+            pool.map(
+                lambda i: kube.batch.create_namespaced_job(namespace, raw_job(f"raw-{i}")), range(n)
+            )
+        )
     return time.monotonic() - started
 
 
@@ -111,7 +126,9 @@ def run(n: int, nodes: int, workers: int) -> dict[str, float]:
     cluster.up()
     cluster.ensure_nodes(fleet(nodes))
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s"
+    )
     kube = Kube.from_kubeconfig(cluster.kubeconfig)
     kube.api.configuration.connection_pool_maxsize = CREATE_THREADS * 2
     for namespace in ("ceiling", "bench"):
@@ -132,11 +149,30 @@ def run(n: int, nodes: int, workers: int) -> dict[str, float]:
             owner = name.removesuffix("-train")
             job_at.setdefault(owner, time.monotonic())
 
-        jobs_seen = threading.Thread(target=lambda: results.__setitem__(
-            "jobs", watch_until(kube.batch.list_namespaced_job, n, lambda _: True, 600, note_job, namespace="bench")))
-        succeeded = threading.Thread(target=lambda: results.__setitem__(
-            "succeeded", watch_until(ft.lister(kube, "bench"), n,
-                                     lambda o: (o.get("status") or {}).get("phase") == "Succeeded", 1800)))
+        jobs_seen = threading.Thread(
+            target=lambda: results.__setitem__(
+                "jobs",
+                watch_until(
+                    kube.batch.list_namespaced_job,
+                    n,
+                    lambda _: True,
+                    600,
+                    note_job,
+                    namespace="bench",
+                ),
+            )
+        )
+        succeeded = threading.Thread(
+            target=lambda: results.__setitem__(
+                "succeeded",
+                watch_until(
+                    ft.lister(kube, "bench"),
+                    n,
+                    lambda o: (o.get("status") or {}).get("phase") == "Succeeded",
+                    1800,
+                ),
+            )
+        )
         results: dict[str, float] = {}
         jobs_seen.start()
         succeeded.start()
@@ -155,8 +191,13 @@ def run(n: int, nodes: int, workers: int) -> dict[str, float]:
         succeeded.join()
         latencies = [job_at[name] - created_at[name] for name in created_at]
         requests = api_requests(operator) - requests_before
-        breakdown = [line for line in operator.metrics().splitlines()
-                     if line.startswith(("kubetune_operator_api_requests_total{", "kubetune_reconcile_total{"))]
+        breakdown = [
+            line
+            for line in operator.metrics().splitlines()
+            if line.startswith(
+                ("kubetune_operator_api_requests_total{", "kubetune_reconcile_total{")
+            )
+        ]
         print(f"N={n}: " + "; ".join(breakdown))
         peak, rss = peak_memory_mib(operator.process.pid)
     finally:
@@ -184,15 +225,21 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run(n, args.nodes, args.workers) for n in args.sizes]
     print()
-    print(f"{'N':>6} {'ceiling':>9} {'jobs':>9} {'x ceiling':>9} {'succeeded':>10} {'p50':>8} {'p99':>8} "
-          f"{'req/job':>8} {'peak MiB':>9}")
+    print(
+        f"{'N':>6} {'ceiling':>9} {'jobs':>9} {'x ceiling':>9} {'succeeded':>10} {'p50':>8} {'p99':>8} "
+        f"{'req/job':>8} {'peak MiB':>9}"
+    )
     for r in rows:
-        print(f"{r['n']:>6} {r['ceiling_s']:>8.1f}s {r['all_jobs_s']:>8.1f}s {r['all_jobs_s'] / r['ceiling_s']:>8.2f}x "
-              f"{r['all_succeeded_s']:>9.1f}s {r['p50_ms']:>6.0f}ms {r['p99_ms']:>6.0f}ms "
-              f"{r['requests_per_job']:>8.1f} {r['peak_mib']:>9.0f}")
-    print("\nceiling: the same N batch Jobs created directly on the same API server, "
-          f"{CREATE_THREADS} client threads; jobs: until every FineTuningJob's training Job exists; "
-          "succeeded: until every FineTuningJob is Succeeded (1 s simulated training, RegisteredModel created).")
+        print(
+            f"{r['n']:>6} {r['ceiling_s']:>8.1f}s {r['all_jobs_s']:>8.1f}s {r['all_jobs_s'] / r['ceiling_s']:>8.2f}x "
+            f"{r['all_succeeded_s']:>9.1f}s {r['p50_ms']:>6.0f}ms {r['p99_ms']:>6.0f}ms "
+            f"{r['requests_per_job']:>8.1f} {r['peak_mib']:>9.0f}"
+        )
+    print(
+        "\nceiling: the same N batch Jobs created directly on the same API server, "
+        f"{CREATE_THREADS} client threads; jobs: until every FineTuningJob's training Job exists; "
+        "succeeded: until every FineTuningJob is Succeeded (1 s simulated training, RegisteredModel created)."
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from kubetune.dev import nodes, simulation
 from kubetune.dev.tools import Tools, ensure_tools, pinned_versions
 
 DEFAULT_NAME = "kubetune"
+# kwokctl adds every cluster to ~/.kube/config unless told otherwise: an empty
+# path leaves the user's kubeconfig alone (ours is in the cluster's folder).
+_NO_USER_KUBECONFIG = ("--kubeconfig", "")
 
 
 def cache_dir() -> Path:
@@ -176,17 +179,23 @@ class LocalCluster:
         wanted = yaml.safe_dump_all(kwokctl_config_documents(self.tools, kube_version))
         config = self.config_file
         if self.exists() and (not config.is_file() or config.read_text() != wanted):
-            self._kwokctl("delete", "cluster")
+            self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG)
         if self.exists() and not self.healthy():
             # A stopped cluster (e.g. after a reboot) keeps its state: start it again.
             self._kwokctl("start", "cluster", "--wait", f"{int(timeout)}s", check=False)
             if not self.healthy():
-                self._kwokctl("delete", "cluster", check=False)
+                self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG, check=False)
         if not self.exists():
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(wanted)
             self._kwokctl(
-                "create", "cluster", "--config", str(config), "--wait", f"{int(timeout)}s"
+                "create",
+                "cluster",
+                *_NO_USER_KUBECONFIG,
+                "--config",
+                str(config),
+                "--wait",
+                f"{int(timeout)}s",
             )
         self.ensure_nodes(timeout=timeout)
 
@@ -210,7 +219,7 @@ class LocalCluster:
     def down(self) -> None:
         """Stop the cluster and delete its state."""
         if self.exists():
-            self._kwokctl("delete", "cluster")
+            self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG)
         self.config_file.unlink(missing_ok=True)
 
     def logs(self, component: str) -> str:

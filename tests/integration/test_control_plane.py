@@ -7,6 +7,9 @@ kubelet reports them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from kubernetes import client
 
 from kubetune.dev import nodes, simulation
@@ -198,3 +201,10 @@ def test_running_pod_stays_running_until_deleted_and_job_delete_collects_it(
         timeout=TIMEOUT,
         describe="the job's pods",
     )
+
+
+def test_users_kubeconfig_is_left_alone(local_cluster) -> None:
+    if local_cluster is None:
+        pytest.skip("the session uses an existing cluster")
+    user_config = Path.home() / ".kube" / "config"
+    assert not user_config.exists() or local_cluster.name not in user_config.read_text()
