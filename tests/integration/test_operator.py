@@ -497,5 +497,9 @@ def test_operator_exposes_metrics(operator: OperatorProcess) -> None:
     text = operator.metrics()
     assert "kubetune_reconcile_total" in text
     assert "kubetune_finetuningjobs" in text
-    requests = [line for line in text.splitlines() if line.startswith("kubetune_operator_api_requests_total{")]
+    requests = [
+        line
+        for line in text.splitlines()
+        if line.startswith("kubetune_operator_api_requests_total{")
+    ]
     assert any(float(line.rsplit(" ", 1)[1]) > 0 for line in requests), requests

@@ -123,12 +123,6 @@ def test_missing_volume_folder_says_how_to_map_it(tmp_path, monkeypatch):
     assert "--volume models=DIR" in result.output
 
 
-def test_without_local_cluster_submission_is_not_available():
-    result = CliRunner().invoke(main, ["train", "-f", str(EXAMPLE / "job.yaml")])
-    assert result.exit_code == 1
-    assert "submitting to a cluster is not available yet" in result.output
-
-
 def test_local_config_resolves_for_this_machine(tmp_path, tiny_model_dir):
     volume = models_volume(tmp_path, tiny_model_dir)
     job = load_manifest(EXAMPLE / "job.yaml")

@@ -1,0 +1,209 @@
+"""ModelFineTuner: create, follow, cancel and register fine-tuning jobs, on a cluster or locally."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from kubetune.sdk.backends import ClusterBackend, LocalBackend
+from kubetune.sdk.cluster import NotFound, kubeconfig_available
+from kubetune.sdk.config import DatasetFormat, FineTuningConfig, new_job_id
+from kubetune.sdk.results import FineTuningResult
+
+BackendName = Literal["local", "cluster"]
+
+
+class ModelManager(Protocol):
+    async def get_model(self, model_id: str) -> Any: ...
+
+
+def default_backend_name() -> BackendName:
+    """cluster when a kubeconfig is configured ($KUBECONFIG or ~/.kube/config), else local."""
+    return "cluster" if kubeconfig_available() else "local"
+
+
+def _trainer_module(name: str):
+    """A module of the trainer package, from the installed package or this source tree."""
+    try:
+        return importlib.import_module(f"kubetune_trainer.{name}")
+    except ImportError:
+        source = Path(__file__).resolve().parents[2] / "trainer_image"
+        if not (source / "kubetune_trainer").is_dir() or str(source) in sys.path:
+            raise
+        sys.path.append(str(source))
+        return importlib.import_module(f"kubetune_trainer.{name}")
+
+
+class ModelFineTuner:
+    """Fine-tuning jobs behind one API; `backend` is "local", "cluster", a backend object,
+    or None for the default (cluster when a kubeconfig is configured, else local)."""
+
+    def __init__(
+        self,
+        model_manager: ModelManager | None = None,
+        backend: BackendName | ClusterBackend | LocalBackend | None = None,
+        *,
+        kubeconfig: str | Path | None = None,
+        namespace: str | None = None,
+    ):
+        self.model_manager = model_manager
+        if backend is None:
+            backend = "cluster" if kubeconfig else default_backend_name()
+        if backend == "cluster":
+            backend = ClusterBackend(kubeconfig, namespace)
+        elif backend == "local":
+            backend = LocalBackend()
+        elif not isinstance(backend, ClusterBackend | LocalBackend):
+            raise ValueError(f"backend must be 'local' or 'cluster', not {backend!r}")
+        self.backend = backend
+        self.jobs: dict[str, FineTuningResult] = {}
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    # --- datasets ------------------------------------------------------------------------
+
+    async def prepare_dataset(
+        self,
+        dataset_path: str | Path,
+        dataset_format: DatasetFormat | str,
+        output_format: DatasetFormat | str = DatasetFormat.JSONL,
+        preprocessing_steps: Sequence[dict[str, Any] | Any] | None = None,
+        *,
+        fields: dict[str, str] | None = None,
+    ) -> str:
+        """Convert (JSONL, CSV, TEXT) and preprocess a dataset file with the trainer's pipeline;
+        writes `prepared/<name>.<ext>` beside the input and returns its path."""
+        source_format = DatasetFormat(str(getattr(dataset_format, "value", dataset_format)).lower())
+        target_format = DatasetFormat(str(getattr(output_format, "value", output_format)).lower())
+        for fmt in (source_format, target_format):
+            if not fmt.is_file:
+                raise ValueError(
+                    f"prepare_dataset converts jsonl, csv and text files, not {fmt.value}"
+                )
+        source = Path(dataset_path).expanduser()
+        if not source.is_file():
+            raise ValueError(f"dataset file {dataset_path} does not exist")
+        target = source.parent / "prepared" / f"{source.stem}.{target_format.extension}"
+        data = _trainer_module("data")
+        errors = _trainer_module("errors")
+
+        def convert() -> None:
+            try:
+                data.convert(
+                    source,
+                    source_format.to_api(),
+                    target,
+                    target_format.to_api(),
+                    list(preprocessing_steps or []),
+                    fields=fields,
+                )
+            except errors.TrainerFailure as err:
+                raise ValueError(f"{err.reason}: {err.message}") from None
+            except Exception as err:  # pydantic errors on malformed steps
+                if type(err).__name__ == "ValidationError":
+                    raise ValueError(f"invalid preprocessing step: {err}") from None
+                raise
+
+        await asyncio.to_thread(convert)
+        return str(target)
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def create_fine_tuning_job(self, config: FineTuningConfig) -> str:
+        """Start a job and return its id at once; training runs in the background."""
+        if not isinstance(config, FineTuningConfig):
+            raise ValueError("config must be a FineTuningConfig")
+        if self.model_manager is not None:
+            model = await self.model_manager.get_model(config.model_id)
+            if not model:
+                raise ValueError(f"Model {config.model_id} not found")
+        job_id = new_job_id(config.model_id)
+        while job_id in self.jobs:
+            job_id = new_job_id(config.model_id)
+        result = await asyncio.to_thread(self.backend.submit, config, job_id)
+        self.jobs[job_id] = result
+        return job_id
+
+    def _keep(self, result: FineTuningResult) -> FineTuningResult:
+        previous = self.jobs.get(result.job_id)
+        if previous is not None and previous.status == "cancelled":
+            result.status = "cancelled"  # cancelled stays cancelled
+        self.jobs[result.job_id] = result
+        return result
+
+    async def get_fine_tuning_job(self, job_id: str) -> FineTuningResult | None:
+        """The job's current state, or None if there is no such job."""
+        if job_id not in self.jobs and isinstance(self.backend, LocalBackend):
+            return None
+        try:
+            result = await asyncio.to_thread(self.backend.refresh, job_id)
+        except NotFound:
+            return None
+        return self._keep(result)
+
+    async def list_fine_tuning_jobs(
+        self, model_id: str | None = None, status: str | None = None
+    ) -> list[FineTuningResult]:
+        """This tuner's jobs, refreshed, optionally by base model and status."""
+        results = []
+        for job_id in list(self.jobs):
+            result = await self.get_fine_tuning_job(job_id) or self.jobs[job_id]
+            if model_id is not None and result.model_id != model_id:
+                continue
+            if status is not None and result.status != str(getattr(status, "value", status)):
+                continue
+            results.append(result)
+        return results
+
+    async def cancel_fine_tuning_job(self, job_id: str) -> bool:
+        """Stop training for good; the job's status stays "cancelled". False if it had ended."""
+        if await self.get_fine_tuning_job(job_id) is None:
+            return False
+        if self.jobs[job_id].status == "cancelled":
+            return True
+        if self.jobs[job_id].done:
+            return False
+        cancelled = await asyncio.to_thread(self.backend.cancel, job_id)
+        if cancelled:
+            self.jobs[job_id].status = "cancelled"
+            await self.get_fine_tuning_job(job_id)
+        return cancelled
+
+    async def wait_for_completion(
+        self, job_id: str, timeout: float | None = None
+    ) -> FineTuningResult:
+        """Wait until the job completes, fails or is cancelled (TimeoutError after `timeout`)."""
+        if await self.get_fine_tuning_job(job_id) is None:
+            raise ValueError(f"job {job_id} not found")
+        if self.jobs[job_id].done:
+            return self.jobs[job_id]
+        result = await asyncio.to_thread(self.backend.wait, job_id, timeout)
+        return self._keep(result)
+
+    async def register_fine_tuned_model(self, job_id: str) -> str:
+        """The registered model's id (the same on every call); ValueError unless completed."""
+        result = await self.get_fine_tuning_job(job_id)
+        if result is None:
+            raise ValueError(f"job {job_id} not found")
+        if result.status != "completed":
+            raise ValueError(f"job {job_id} is {result.status}, not completed: nothing to register")
+        model_id = await asyncio.to_thread(self.backend.register, job_id, result)
+        result.fine_tuned_model_id = model_id
+        return model_id
+
+
+_default: ModelFineTuner | None = None
+
+
+def get_model_fine_tuner() -> ModelFineTuner:
+    """The process's default tuner (backend chosen by whether a kubeconfig is configured)."""
+    global _default
+    if _default is None:
+        _default = ModelFineTuner()
+    return _default
