@@ -23,9 +23,6 @@ from kubetune.dev import nodes, simulation
 from kubetune.dev.tools import Tools, ensure_tools, pinned_versions
 
 DEFAULT_NAME = "kubetune"
-# kwokctl adds every cluster to ~/.kube/config unless told otherwise: an empty
-# path leaves the user's kubeconfig alone (ours is in the cluster's folder).
-_NO_USER_KUBECONFIG = ("--kubeconfig", "")
 
 
 def cache_dir() -> Path:
@@ -101,6 +98,12 @@ class LocalCluster:
     @property
     def cluster_dir(self) -> Path:
         return self.workdir / "clusters" / self.name
+
+    @property
+    def _contexts_flag(self) -> tuple[str, str]:
+        """kwokctl adds each cluster to ~/.kube/config (and removes it on delete)
+        unless pointed elsewhere: a scratch file in our cache, never the user's."""
+        return ("--kubeconfig", str(self.workdir / "kwokctl-contexts.yaml"))
 
     @property
     def config_file(self) -> Path:
@@ -179,19 +182,19 @@ class LocalCluster:
         wanted = yaml.safe_dump_all(kwokctl_config_documents(self.tools, kube_version))
         config = self.config_file
         if self.exists() and (not config.is_file() or config.read_text() != wanted):
-            self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG)
+            self._kwokctl("delete", "cluster", *self._contexts_flag)
         if self.exists() and not self.healthy():
             # A stopped cluster (e.g. after a reboot) keeps its state: start it again.
             self._kwokctl("start", "cluster", "--wait", f"{int(timeout)}s", check=False)
             if not self.healthy():
-                self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG, check=False)
+                self._kwokctl("delete", "cluster", *self._contexts_flag, check=False)
         if not self.exists():
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(wanted)
             self._kwokctl(
                 "create",
                 "cluster",
-                *_NO_USER_KUBECONFIG,
+                *self._contexts_flag,
                 "--config",
                 str(config),
                 "--wait",
@@ -219,7 +222,7 @@ class LocalCluster:
     def down(self) -> None:
         """Stop the cluster and delete its state."""
         if self.exists():
-            self._kwokctl("delete", "cluster", *_NO_USER_KUBECONFIG)
+            self._kwokctl("delete", "cluster", *self._contexts_flag)
         self.config_file.unlink(missing_ok=True)
 
     def logs(self, component: str) -> str:
