@@ -27,8 +27,8 @@ env: ## Create the Python environment (first time only)
 	@bash hack/python-env.sh >/dev/null
 
 .PHONY: demo
-demo: tools env ## Start the local cluster and show its GPU nodes
-	@$(PY) -m kubetune dev up
+demo: tools env ## The whole flow: local cluster, operator, a real fine-tuning job, its model
+	@$(PY) -m kubetune.dev.demo
 
 .PHONY: cluster-up
 cluster-up: tools env ## Start the local cluster (kubeconfig under ~/.cache/kubetune/kwok)

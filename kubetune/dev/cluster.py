@@ -172,7 +172,7 @@ class LocalCluster:
         )
         return result.returncode == 0 and result.stdout.strip() == "ok"
 
-    def up(self, timeout: float = 180) -> None:
+    def up(self, timeout: float = 180, fleet: list[nodes.NodeSpec] | None = None) -> None:
         """Start the cluster (or restart a stopped one) and register the simulated nodes.
 
         A cluster created from a different configuration (new binaries or
@@ -200,11 +200,14 @@ class LocalCluster:
                 "--wait",
                 f"{int(timeout)}s",
             )
-        self.ensure_nodes(timeout=timeout)
+        self.ensure_nodes(fleet, timeout=timeout)
 
     def ensure_nodes(self, fleet: list[nodes.NodeSpec] | None = None, timeout: float = 120) -> None:
         """Create the simulated nodes that are missing and wait until all are Ready."""
-        manifests = [nodes.node_manifest(spec) for spec in fleet or nodes.default_fleet()]
+        fleet = nodes.default_fleet() if fleet is None else fleet
+        manifests = [nodes.node_manifest(spec) for spec in fleet]
+        if not manifests:
+            return
         existing = set(self.kubectl("get", "nodes", "-o", "name").split())
         missing = [m for m in manifests if f"node/{m['metadata']['name']}" not in existing]
         if missing:

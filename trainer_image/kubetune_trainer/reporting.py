@@ -52,7 +52,12 @@ class ConfigMapSink:
         if self._api is None:
             from kubernetes import client, config
 
-            config.load_incluster_config()
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                # Not in a kubelet-run container (a development node agent, say):
+                # the pod's service-account token comes in the file KUBECONFIG names.
+                config.load_kube_config()
             self._api = client.CoreV1Api()
         return self._api
 

@@ -1,0 +1,280 @@
+"""`make demo`: the whole flow on this machine, with no GPU and no container engine.
+
+Starts the development cluster (real control plane, simulated GPU nodes and
+one node agent whose pods run as local processes), the operator, applies
+examples/demo/finetuningjob.yaml, follows its progress live, and ends with the
+RegisteredModel, a sample generation from the trained adapter and a loss-curve
+PNG. The cluster ("demo") stays up afterwards; `python -m kubetune dev down
+--name demo` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from kubernetes import client
+
+from kubetune.api import GROUP, VERSION
+from kubetune.dev.cluster import LocalCluster, cache_dir
+from kubetune.dev.nodes import default_fleet
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST = REPO / "examples" / "demo" / "finetuningjob.yaml"
+NAMESPACE = "demo"
+NODE = "local-0"
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "operator"), str(REPO / "trainer_image")]
+    )
+    env.pop("KUBECONFIG", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    return env
+
+
+def prepare_volumes(root: Path) -> None:
+    """A tiny model (built locally, nothing downloaded) and the example dataset."""
+    model = root / "models" / "tiny-llama"
+    if not (model / "config.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "kubetune_trainer.tiny", str(model)],
+            env=python_env(),
+            check=True,
+        )
+    (root / "datasets").mkdir(parents=True, exist_ok=True)
+    shutil.copy(
+        REPO / "examples" / "local" / "data" / "train.jsonl", root / "datasets" / "train.jsonl"
+    )
+    shutil.rmtree(root / "models" / "out" / "support-bot", ignore_errors=True)
+
+
+def ensure_namespace(core: client.CoreV1Api, root: Path) -> None:
+    try:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+    except client.ApiException as err:
+        if err.status != 409:
+            raise
+    for claim in ("models", "datasets"):
+        pv = f"{NAMESPACE}-{claim}"
+        try:
+            core.create_persistent_volume(
+                client.V1PersistentVolume(
+                    metadata=client.V1ObjectMeta(name=pv),
+                    spec=client.V1PersistentVolumeSpec(
+                        capacity={"storage": "1Gi"},
+                        access_modes=["ReadWriteOnce"],
+                        storage_class_name="",
+                        host_path=client.V1HostPathVolumeSource(path=str(root / claim)),
+                        claim_ref=client.V1ObjectReference(namespace=NAMESPACE, name=claim),
+                    ),
+                )
+            )
+            core.create_namespaced_persistent_volume_claim(
+                NAMESPACE,
+                client.V1PersistentVolumeClaim(
+                    metadata=client.V1ObjectMeta(name=claim),
+                    spec=client.V1PersistentVolumeClaimSpec(
+                        access_modes=["ReadWriteOnce"],
+                        storage_class_name="",
+                        volume_name=pv,
+                        resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                    ),
+                ),
+            )
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+
+
+def sample_generation(adapter: Path) -> str:
+    script = (
+        "import sys\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "prompt = 'Q: what is the capital of france?\\nA:'\n"
+        "ids = tok(prompt, return_tensors='pt')\n"
+        "out = model.generate(**ids, max_new_tokens=12, do_sample=False)\n"
+        "print(repr(prompt), '->', repr(tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=False).strip()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(adapter)],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def main() -> None:
+    root = cache_dir() / "demo"
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster("demo")
+
+    say(
+        "Starting the local cluster (real kube-apiserver, scheduler, controller-manager; KWOK GPU nodes)"
+    )
+    # Simulated GPU nodes are tainted: the CPU-only dataset check runs on the real local node.
+    cluster.up(fleet=[spec for spec in default_fleet() if spec.gpus])
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s"
+    )
+    kubectl = [str(cluster.tools.kubectl), "--kubeconfig", str(cluster.kubeconfig)]
+    env = python_env()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        say(f"Starting the node agent ({NODE}: runs its pods as local processes) and the operator")
+        with (logs / "node-agent.log").open("ab") as out:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kubetune.dev.node_agent",
+                        "--kubeconfig",
+                        str(cluster.kubeconfig),
+                        "--name",
+                        NODE,
+                        "--root",
+                        str(root / "pods"),
+                        "--gpus",
+                        "1",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        with (logs / "operator.log").open("ab") as out:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kubetune_operator",
+                        "--kubeconfig",
+                        str(cluster.kubeconfig),
+                        "--metrics-port",
+                        "0",
+                        "--health-port",
+                        "0",
+                        "--workers",
+                        "2",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        for condition in ("--for=create", "--for=condition=Ready"):
+            subprocess.run(
+                [*kubectl, "wait", condition, f"node/{NODE}", "--timeout=60s"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        subprocess.run(
+            [*kubectl, "get", "nodes", "-L", "nvidia.com/gpu.product,kubetune.dev/node-pool"],
+            check=True,
+        )
+
+        prepare_volumes(root)
+        core = client.CoreV1Api(client.ApiClient(_configuration(cluster)))
+        ensure_namespace(core, root)
+        custom = client.CustomObjectsApi(core.api_client)
+        # A rerun starts over: records outlive their jobs, and a new job may not
+        # take over an old job's RegisteredModel name.
+        try:
+            custom.delete_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, "registeredmodels", "support-bot"
+            )
+        except client.ApiException:
+            pass
+        try:
+            custom.delete_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, "finetuningjobs", "support-bot"
+            )
+            subprocess.run(
+                [
+                    *kubectl,
+                    "wait",
+                    "--for=delete",
+                    "ftj/support-bot",
+                    "-n",
+                    NAMESPACE,
+                    "--timeout=60s",
+                ],
+                check=False,
+                stdout=subprocess.DEVNULL,
+            )
+        except client.ApiException:
+            pass
+
+        say(f"kubectl apply -f {MANIFEST.relative_to(REPO)}")
+        subprocess.run([*kubectl, "apply", "-n", NAMESPACE, "-f", str(MANIFEST)], check=True)
+        say("Following it (validation in a CPU-only pod, then training)")
+        cli = [
+            sys.executable,
+            "-m",
+            "kubetune",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "-n",
+            NAMESPACE,
+        ]
+        subprocess.run([*cli, "watch", "support-bot", "--timeout", "900"], env=env, check=True)
+        subprocess.run([*kubectl, "get", "ftj", "-n", NAMESPACE, "-o", "wide"], check=True)
+
+        job = custom.get_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, "finetuningjobs", "support-bot"
+        )
+        model_name = job["status"]["registeredModel"]
+        say(f"RegisteredModel {model_name}")
+        model = custom.get_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, "registeredmodels", model_name
+        )
+        print(yaml.safe_dump({"spec": model["spec"]}, sort_keys=False))
+
+        output = root / "models" / "out" / "support-bot"
+        say("A sample generation from the trained adapter")
+        print(sample_generation(output / "model"))
+        png = REPO / "out" / "loss-curve.png"
+        png.parent.mkdir(exist_ok=True)
+        subprocess.run([*cli, "plot", str(output), "-o", str(png)], env=env, check=True)
+        say(f"Done. Loss curve: {png.relative_to(REPO)}; cluster kubeconfig: {cluster.kubeconfig}")
+        print(
+            "The cluster stays up for a look around (kubectl get ftj,rm -A); "
+            "`python -m kubetune dev down --name demo` removes it."
+        )
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+
+
+def _configuration(cluster: LocalCluster) -> client.Configuration:
+    from kubernetes import config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=configuration)
+    return configuration
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The whole flow for real: kubectl apply, the scheduler, the operator, the trainer
+training a tiny model in a pod on the node agent, progress in `kubectl get ftj`,
+and a RegisteredModel whose artifact loads and generates text."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from kubetune.api import GROUP, VERSION
+from kubetune.dev.cluster import LocalCluster
+from tests.support import finetuning as ft
+from tests.support.kube import Kube, wait_for, wait_gone
+
+TIMEOUT = 180
+
+
+@pytest.fixture
+def ns(kube: Kube, data_root: Path) -> str:
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    for claim in ("models", "datasets"):
+        pv = f"{name}-{claim}"
+        kube.core.create_persistent_volume(
+            client.V1PersistentVolume(
+                metadata=client.V1ObjectMeta(name=pv),
+                spec=client.V1PersistentVolumeSpec(
+                    capacity={"storage": "1Gi"},
+                    access_modes=["ReadWriteOnce"],
+                    storage_class_name="",
+                    host_path=client.V1HostPathVolumeSource(path=str(data_root / claim)),
+                    claim_ref=client.V1ObjectReference(namespace=name, name=claim),
+                ),
+            )
+        )
+        kube.core.create_namespaced_persistent_volume_claim(
+            name,
+            client.V1PersistentVolumeClaim(
+                metadata=client.V1ObjectMeta(name=claim),
+                spec=client.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    storage_class_name="",
+                    volume_name=pv,
+                    resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                ),
+            ),
+        )
+    yield name
+    kube.core.delete_namespace(name)
+
+
+def manifest(name: str, method: str, **spec) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuningJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {
+                "name": "kubetune/tiny-llama",
+                "volume": {"claimName": "models", "path": "tiny-llama"},
+            },
+            "dataset": {
+                "format": "JSONL",
+                "volume": {"claimName": "datasets", "path": "train.jsonl"},
+                "fields": {"prompt": "question", "completion": "answer"},
+                "preprocessing": [{"type": "filter", "condition": "length > 10"}],
+                "validationSplit": 0.125,
+            },
+            "method": method,
+            "hyperparameters": {
+                "maxSteps": 12,
+                "batchSize": 4,
+                "gradientAccumulationSteps": 1,
+                "maxSeqLength": 128,
+                "precision": "fp32",
+                "loggingSteps": 2,
+                "saveSteps": 6,
+                "learningRate": 0.01,
+            },
+            "output": {"volume": {"claimName": "models", "path": f"out/{name}"}},
+            "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi"},
+            **spec,
+        },
+    }
+    return body
+
+
+def kubectl(cluster: LocalCluster, *args: str, input: str | None = None) -> str:
+    return cluster.kubectl(*args, input=input)
+
+
+@pytest.mark.parametrize("method", ["LORA", "FULL", "QLORA", "PREFIX_TUNING", "PROMPT_TUNING"])
+def test_each_method_trains_registers_and_generates(
+    e2e_cluster: LocalCluster, kube: Kube, ns: str, data_root: Path, method: str
+) -> None:
+    name = method.lower().replace("_", "-")
+    kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(manifest(name, method)))
+
+    seen = ft.wait_status(
+        kube,
+        ns,
+        name,
+        lambda s: bool((s.get("progress") or {}).get("steps")),
+        describe="progress",
+        timeout=TIMEOUT,
+    )
+    assert seen["status"]["progress"]["totalSteps"] == 12
+    done = ft.wait_status(
+        kube,
+        ns,
+        name,
+        lambda s: s.get("phase") in ("Succeeded", "Failed"),
+        describe="finished",
+        timeout=TIMEOUT,
+    )["status"]
+    assert done["phase"] == "Succeeded", done.get("failure")
+    assert done["progress"]["steps"] == "12/12"
+    assert ft.condition(done, "DatasetValidated")["reason"] == "DatasetValid"
+    table = kubectl(e2e_cluster, "get", "ftj", name, "-n", ns)
+    assert "Succeeded" in table and "12/12" in table
+
+    model = kube.custom.get_namespaced_custom_object(
+        GROUP, VERSION, ns, "registeredmodels", done["registeredModel"]
+    )
+    artifact = data_root / "models" / model["spec"]["artifact"]["volume"]["path"]
+    assert (artifact / "README.md").is_file()
+    assert model["spec"]["artifact"]["digest"].startswith("sha256:")
+    assert model["spec"]["metrics"]["eval_loss"] > 0
+
+    # The artifact loads and generates, in a fresh process like a user's.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "path = sys.argv[1]\n"
+        "if sys.argv[2] == 'adapter':\n"
+        "    from peft import AutoPeftModelForCausalLM\n"
+        "    model = AutoPeftModelForCausalLM.from_pretrained(path)\n"
+        "else:\n"
+        "    model = AutoModelForCausalLM.from_pretrained(path)\n"
+        "tok = AutoTokenizer.from_pretrained(path)\n"
+        "ids = tok('what is the capital', return_tensors='pt')\n"
+        "out = model.generate(**ids, max_new_tokens=8, do_sample=False)\n"
+        "print(len(out[0]) - ids['input_ids'].shape[1])\n"
+    )
+    generated = subprocess.run(
+        [
+            __import__("sys").executable,
+            "-c",
+            script,
+            str(artifact),
+            model["spec"]["artifact"]["kind"],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(generated.stdout.strip().splitlines()[-1]) > 0
+
+
+def test_invalid_dataset_fails_fast_with_the_row(
+    e2e_cluster: LocalCluster, kube: Kube, ns: str, data_root: Path
+) -> None:
+    (data_root / "datasets" / "broken.jsonl").write_text(
+        '{"question": "ok?", "answer": "yes"}\n{not json\n'
+    )
+    body = manifest("broken", "LORA")
+    body["spec"]["dataset"]["volume"]["path"] = "broken.jsonl"
+    body["spec"]["dataset"]["preprocessing"] = []
+    kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
+
+    status = ft.wait_phase(kube, ns, "broken", "Failed", timeout=TIMEOUT)["status"]
+
+    assert status["failure"]["reason"] == "InvalidDataset"
+    assert "line 2: not valid JSON" in status["failure"]["message"]
+    assert [j.metadata.name for j in kube.batch.list_namespaced_job(ns).items] == [
+        "broken-validate"
+    ]
+
+
+def test_deleting_a_running_job_stops_the_process(
+    e2e_cluster: LocalCluster, kube: Kube, ns: str
+) -> None:
+    body = manifest("long", "FULL")
+    body["spec"]["hyperparameters"]["maxSteps"] = 100000
+    body["spec"]["dataset"]["validateFirst"] = False
+    kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    pod = wait_for(
+        kube.core.list_namespaced_pod,
+        lambda p: p.status.phase == "Running",
+        namespace=ns,
+        label_selector="kubetune.dev/job-name=long",
+        timeout=TIMEOUT,
+        describe="trainer running",
+    )
+    ft.wait_status(
+        kube,
+        ns,
+        "long",
+        lambda s: bool((s.get("progress") or {}).get("steps")),
+        describe="training",
+        timeout=TIMEOUT,
+    )
+
+    kubectl(e2e_cluster, "delete", "ftj", "long", "-n", ns, "--wait=false")
+
+    wait_gone(
+        kube.core.list_namespaced_pod,
+        namespace=ns,
+        label_selector="kubetune.dev/job-name=long",
+        timeout=120,
+        describe="the trainer pod",
+    )
+    # The agent removes a pod only once its process has exited (SIGTERM, then SIGKILL).
+    assert pod.metadata.name not in {
+        p.metadata.name for p in kube.core.list_namespaced_pod(ns).items
+    }
