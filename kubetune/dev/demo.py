@@ -10,6 +10,7 @@ PNG. The cluster ("demo") stays up afterwards; `python -m kubetune dev down
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from kubernetes import client
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.cluster import LocalCluster, cache_dir
 from kubetune.dev.nodes import default_fleet
+from kubetune.dev.volumes import bound_claim
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "examples" / "demo" / "finetuningjob.yaml"
@@ -67,35 +69,7 @@ def ensure_namespace(core: client.CoreV1Api, root: Path) -> None:
         if err.status != 409:
             raise
     for claim in ("models", "datasets"):
-        pv = f"{NAMESPACE}-{claim}"
-        try:
-            core.create_persistent_volume(
-                client.V1PersistentVolume(
-                    metadata=client.V1ObjectMeta(name=pv),
-                    spec=client.V1PersistentVolumeSpec(
-                        capacity={"storage": "1Gi"},
-                        access_modes=["ReadWriteOnce"],
-                        storage_class_name="",
-                        host_path=client.V1HostPathVolumeSource(path=str(root / claim)),
-                        claim_ref=client.V1ObjectReference(namespace=NAMESPACE, name=claim),
-                    ),
-                )
-            )
-            core.create_namespaced_persistent_volume_claim(
-                NAMESPACE,
-                client.V1PersistentVolumeClaim(
-                    metadata=client.V1ObjectMeta(name=claim),
-                    spec=client.V1PersistentVolumeClaimSpec(
-                        access_modes=["ReadWriteOnce"],
-                        storage_class_name="",
-                        volume_name=pv,
-                        resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
-                    ),
-                ),
-            )
-        except client.ApiException as err:
-            if err.status != 409:
-                raise
+        bound_claim(core, NAMESPACE, claim, root / claim, size="1Gi")
 
 
 def sample_generation(adapter: Path) -> str:
@@ -199,12 +173,10 @@ def main() -> None:
         custom = client.CustomObjectsApi(core.api_client)
         # A rerun starts over: records outlive their jobs, and a new job may not
         # take over an old job's RegisteredModel name.
-        try:
+        with contextlib.suppress(client.ApiException):
             custom.delete_namespaced_custom_object(
                 GROUP, VERSION, NAMESPACE, "registeredmodels", "support-bot"
             )
-        except client.ApiException:
-            pass
         try:
             custom.delete_namespaced_custom_object(
                 GROUP, VERSION, NAMESPACE, "finetuningjobs", "support-bot"

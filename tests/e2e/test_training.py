@@ -14,6 +14,7 @@ from kubernetes import client
 
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.cluster import LocalCluster
+from kubetune.dev.volumes import bound_claim
 from tests.support import finetuning as ft
 from tests.support.kube import Kube, wait_for, wait_gone
 
@@ -25,31 +26,7 @@ def ns(kube: Kube, data_root: Path) -> str:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     for claim in ("models", "datasets"):
-        pv = f"{name}-{claim}"
-        kube.core.create_persistent_volume(
-            client.V1PersistentVolume(
-                metadata=client.V1ObjectMeta(name=pv),
-                spec=client.V1PersistentVolumeSpec(
-                    capacity={"storage": "1Gi"},
-                    access_modes=["ReadWriteOnce"],
-                    storage_class_name="",
-                    host_path=client.V1HostPathVolumeSource(path=str(data_root / claim)),
-                    claim_ref=client.V1ObjectReference(namespace=name, name=claim),
-                ),
-            )
-        )
-        kube.core.create_namespaced_persistent_volume_claim(
-            name,
-            client.V1PersistentVolumeClaim(
-                metadata=client.V1ObjectMeta(name=claim),
-                spec=client.V1PersistentVolumeClaimSpec(
-                    access_modes=["ReadWriteOnce"],
-                    storage_class_name="",
-                    volume_name=pv,
-                    resources=client.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
-                ),
-            ),
-        )
+        bound_claim(kube.core, name, claim, data_root / claim, size="1Gi")
     yield name
     kube.core.delete_namespace(name)
 

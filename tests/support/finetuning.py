@@ -7,8 +7,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes import client
-
 from kubetune.api import GROUP, VERSION
 from kubetune.api.trainer import (
     ErrorReport,
@@ -18,6 +16,7 @@ from kubetune.api.trainer import (
     ValidationReport,
 )
 from kubetune.dev import simulation
+from kubetune.dev.volumes import bound_claim
 from tests.support.kube import Kube, wait_for
 
 PLURAL = "finetuningjobs"
@@ -100,35 +99,9 @@ def manifest(
 
 
 def create_volumes(kube: Kube, namespace: str, *claims: str) -> None:
-    """Bound PersistentVolumeClaims (statically provisioned, nothing is mounted on simulated nodes)."""
+    """Bound PersistentVolumeClaims (simulated nodes never mount them)."""
     for claim in claims or ("models", "datasets"):
-        pv_name = f"{namespace}-{claim}"[:63]
-        kube.core.create_persistent_volume(
-            client.V1PersistentVolume(
-                metadata=client.V1ObjectMeta(name=pv_name),
-                spec=client.V1PersistentVolumeSpec(
-                    capacity={"storage": "10Gi"},
-                    access_modes=["ReadWriteOnce"],
-                    storage_class_name="",
-                    host_path=client.V1HostPathVolumeSource(
-                        path=f"/var/lib/kubetune-test/{pv_name}"
-                    ),
-                    claim_ref=client.V1ObjectReference(namespace=namespace, name=claim),
-                ),
-            )
-        )
-        kube.core.create_namespaced_persistent_volume_claim(
-            namespace,
-            client.V1PersistentVolumeClaim(
-                metadata=client.V1ObjectMeta(name=claim),
-                spec=client.V1PersistentVolumeClaimSpec(
-                    access_modes=["ReadWriteOnce"],
-                    storage_class_name="",
-                    volume_name=pv_name,
-                    resources=client.V1VolumeResourceRequirements(requests={"storage": "10Gi"}),
-                ),
-            ),
-        )
+        bound_claim(kube.core, namespace, claim, f"/var/lib/kubetune-test/{namespace}-{claim}")
     for claim in claims or ("models", "datasets"):
         wait_for(
             kube.core.list_namespaced_persistent_volume_claim,
