@@ -30,9 +30,9 @@ sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
 from kubetune.dev.cluster import LocalCluster  # noqa: E402
 from kubetune.dev.nodes import NodeSpec  # noqa: E402
+from kubetune.dev.processes import OperatorProcess  # noqa: E402
 from tests.support import finetuning as ft  # noqa: E402
 from tests.support.kube import Kube  # noqa: E402
-from tests.support.operator import OperatorProcess  # noqa: E402
 
 CREATE_THREADS = 16
 

@@ -11,7 +11,6 @@ PNG. The cluster ("demo") stays up afterwards; `python -m kubetune dev down
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from kubernetes import client
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.cluster import LocalCluster, cache_dir
 from kubetune.dev.nodes import default_fleet
+from kubetune.dev.processes import OperatorProcess, python_env, start_node_agent
 from kubetune.dev.volumes import bound_claim
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,17 +33,6 @@ NODE = "local-0"
 
 def say(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m", flush=True)
-
-
-def python_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(REPO / "operator"), str(REPO / "trainer_image")]
-    )
-    env.pop("KUBECONFIG", None)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    return env
 
 
 def prepare_volumes(root: Path) -> None:
@@ -111,51 +100,13 @@ def main() -> None:
     )
     kubectl = [str(cluster.tools.kubectl), "--kubeconfig", str(cluster.kubeconfig)]
     env = python_env()
-    processes: list[subprocess.Popen[bytes]] = []
+    say(f"Starting the node agent ({NODE}: runs its pods as local processes) and the operator")
+    agent = start_node_agent(
+        cluster.kubeconfig, logs / "node-agent.log", name=NODE, root=root / "pods", gpus=1
+    )
+    operator = OperatorProcess(cluster.kubeconfig, logs / "operator.log", workers="2")
     try:
-        say(f"Starting the node agent ({NODE}: runs its pods as local processes) and the operator")
-        with (logs / "node-agent.log").open("ab") as out:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "kubetune.dev.node_agent",
-                        "--kubeconfig",
-                        str(cluster.kubeconfig),
-                        "--name",
-                        NODE,
-                        "--root",
-                        str(root / "pods"),
-                        "--gpus",
-                        "1",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
-        with (logs / "operator.log").open("ab") as out:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "kubetune_operator",
-                        "--kubeconfig",
-                        str(cluster.kubeconfig),
-                        "--metrics-port",
-                        "0",
-                        "--health-port",
-                        "0",
-                        "--workers",
-                        "2",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
+        operator.start()
         for condition in ("--for=create", "--for=condition=Ready"):
             subprocess.run(
                 [*kubectl, "wait", condition, f"node/{NODE}", "--timeout=60s"],
@@ -234,10 +185,9 @@ def main() -> None:
             "`python -m kubetune dev down --name demo` removes it."
         )
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=60)
+        operator.stop()
+        agent.terminate()
+        agent.wait(timeout=60)
 
 
 def _configuration(cluster: LocalCluster) -> client.Configuration:

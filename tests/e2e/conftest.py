@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kubetune.dev.cluster import LocalCluster
+from kubetune.dev.processes import OperatorProcess, start_node_agent
 from tests.support.kube import Kube, wait_for
-from tests.support.operator import OperatorProcess
 from tests.unit.trainer.conftest import _cached_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,30 +38,13 @@ def e2e_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
         "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s"
     )
     logs = tmp_path_factory.mktemp("e2e-logs")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(REPO / "operator"), str(REPO / "trainer_image")]
+    agent = start_node_agent(
+        cluster.kubeconfig,
+        logs / "node-agent.log",
+        name=NODE,
+        root=tmp_path_factory.mktemp("pods"),
+        gpus=2,
     )
-    env.pop("KUBECONFIG", None)
-    with (logs / "node-agent.log").open("ab") as out:
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kubetune.dev.node_agent",
-                "--kubeconfig",
-                str(cluster.kubeconfig),
-                "--name",
-                NODE,
-                "--root",
-                str(tmp_path_factory.mktemp("pods")),
-                "--gpus",
-                "2",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
     operator = OperatorProcess(cluster.kubeconfig, logs / "operator.log", workers="2")
     try:
         kube = Kube.from_kubeconfig(cluster.kubeconfig)

@@ -18,9 +18,9 @@ import pytest
 from kubernetes import client
 
 from kubetune.dev.cluster import LocalCluster, cache_dir
+from kubetune.dev.processes import OperatorProcess
 from kubetune.dev.tools import ensure_tools
 from tests.support.kube import Kube
-from tests.support.operator import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 

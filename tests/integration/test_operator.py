@@ -14,10 +14,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api.trainer import ProgressReport
+from kubetune.dev.processes import OperatorProcess
 from kubetune.dev.tools import ensure_tools
 from tests.support import finetuning as ft
 from tests.support.kube import Kube, wait_for, wait_gone
-from tests.support.operator import OperatorProcess
 
 pytestmark = pytest.mark.usefixtures("operator")
 

@@ -1,4 +1,4 @@
-"""Run the operator as a real process against the test cluster."""
+"""The operator and the node agent as processes of their own, for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,43 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def python_env() -> dict[str, str]:
+    """This process's environment, with the checkout's packages importable and no ambient KUBECONFIG."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "operator"), str(REPO / "trainer_image")]
+    )
+    env.pop("KUBECONFIG", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    return env
+
+
+def start_node_agent(
+    kubeconfig: Path, log_path: Path, *, name: str, root: Path, gpus: int = 1
+) -> subprocess.Popen[bytes]:
+    """`python -m kubetune.dev.node_agent`: a Node whose pods run as local processes."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubetune.dev.node_agent",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--name",
+                name,
+                "--root",
+                str(root),
+                "--gpus",
+                str(gpus),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=python_env(),
+        )
 
 
 def free_port() -> int:
@@ -33,9 +70,6 @@ class OperatorProcess:
 
     def start(self, timeout: float = 60) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator")])
-        env.pop("KUBECONFIG", None)
         args = [
             sys.executable,
             "-m",
@@ -49,8 +83,10 @@ class OperatorProcess:
         ]
         for flag, value in self.settings.items():
             args += [f"--{flag.replace('_', '-')}", value]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=python_env()
+            )
         self._wait_healthy(timeout)
 
     def _wait_healthy(self, timeout: float) -> None:
