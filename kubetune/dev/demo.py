@@ -199,4 +199,10 @@ def _configuration(cluster: LocalCluster) -> client.Configuration:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as err:
+        logs = cache_dir() / "demo" / "logs"
+        sys.exit(
+            f"\ndemo failed: {' '.join(map(str, err.cmd[:4]))} ... exited with {err.returncode}; see {logs}"
+        )
