@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.sdk.cluster import TERMINAL_PHASES, Cluster, NotFound
 from kubetune.sdk.config import (
@@ -20,6 +20,9 @@ from kubetune.sdk.config import (
     to_job,
 )
 from kubetune.sdk.results import PHASE_STATUS, FineTuningResult
+
+if TYPE_CHECKING:
+    from kubetune.local import LocalRun
 
 REGISTRY_RECORD = "registered-model.json"
 CANCELLED_MARKER = "cancelled"
@@ -128,7 +131,7 @@ class ClusterBackend:
 class LocalJob:
     job_id: str
     config: FineTuningConfig
-    output: Path
+    run: LocalRun
     process: subprocess.Popen
     started: datetime
     ended: datetime | None = None
@@ -136,16 +139,16 @@ class LocalJob:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def report_file(self) -> Path:
-        from kubetune.local import REPORT_FILE
+    def output(self) -> Path:
+        return self.run.output
 
-        return self.output / REPORT_FILE
+    @property
+    def report_file(self) -> Path:
+        return self.run.report_file
 
     @property
     def termination_file(self) -> Path:
-        from kubetune.local import TERMINATION_FILE
-
-        return self.output / TERMINATION_FILE
+        return self.run.termination_file
 
 
 class LocalBackend:
@@ -195,7 +198,7 @@ class LocalBackend:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in the caller does not reach it
             )
-        self.jobs[job_id] = LocalJob(job_id, config, run.output, process, datetime.now(UTC))
+        self.jobs[job_id] = LocalJob(job_id, config, run, process, datetime.now(UTC))
         return FineTuningResult(
             job_id=job_id,
             model_id=config.model_id,
