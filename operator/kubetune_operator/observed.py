@@ -106,23 +106,31 @@ def progress_report(report: dict[str, str]) -> ProgressReport | None:
     return _report_value(report, REPORT_PROGRESS_KEY, ProgressReport)
 
 
-def validation_report(observed: Observed) -> ValidationReport | None:
-    from_map = _report_value(observed.report, REPORT_VALIDATION_KEY, ValidationReport)
+def _reported(
+    report: dict[str, str], key: str, model: type[Report], pods: list[Obj], field: str
+) -> Report | None:
+    """A trainer report: from the report ConfigMap, else from a pod's termination message."""
+    from_map = _report_value(report, key, model)
     if from_map:
         return from_map
-    for pod in observed.validate_pods:
+    for pod in pods:
         termination, _ = termination_of(pod)
-        if termination and termination.validation:
-            return termination.validation
+        if termination and getattr(termination, field):
+            return getattr(termination, field)
     return None
+
+
+def validation_report(observed: Observed) -> ValidationReport | None:
+    return _reported(
+        observed.report,
+        REPORT_VALIDATION_KEY,
+        ValidationReport,
+        observed.validate_pods,
+        "validation",
+    )
 
 
 def result_report(observed: Observed) -> ResultReport | None:
-    from_map = _report_value(observed.report, REPORT_RESULT_KEY, ResultReport)
-    if from_map:
-        return from_map
-    for pod in observed.train_pods:
-        termination, _ = termination_of(pod)
-        if termination and termination.result:
-            return termination.result
-    return None
+    return _reported(
+        observed.report, REPORT_RESULT_KEY, ResultReport, observed.train_pods, "result"
+    )
