@@ -125,10 +125,16 @@ def build_local_run(
         raise LocalRunError(f"dataset.volume is required for format {spec.dataset.format.value}")
     output = (output_dir or locate(spec.output.volume, "output", must_exist=False)).resolve()
     local_gpu_count = local_gpus() if gpus is None else gpus
-    resources = spec.resources.model_copy(
-        update={"gpus": min(spec.resources.gpus, local_gpu_count)}
+    # One process on this machine: the spec the trainer sees is what this machine runs.
+    spec = spec.model_copy(
+        update={
+            "resources": spec.resources.model_copy(
+                update={"gpus": min(spec.resources.gpus, local_gpu_count, 1), "nodes": 1}
+            ),
+            "distributed": spec.distributed.model_copy(update={"processes_per_node": None}),
+        }
     )
-    hyperparameters = resolve_hyperparameters(spec.model_copy(update={"resources": resources}))
+    hyperparameters = resolve_hyperparameters(spec)
     metadata = job.metadata or {}
     config = TrainerConfig(
         job=JobIdentity(

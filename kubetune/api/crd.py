@@ -291,9 +291,11 @@ def finetuningjob_crd() -> Schema:
         _column("Progress", ".status.progress.steps", description="Optimizer steps done/planned."),
         _column("Loss", ".status.progress.loss", "number"),
         _column("ETA", ".status.progress.eta"),
+        _column("World", ".status.worldSize", "integer", description="Training processes."),
         _column("Age", ".metadata.creationTimestamp", "date"),
         _column("Eval Loss", ".status.progress.evalLoss", "number", priority=1),
-        _column("GPUs", ".spec.resources.gpus", "integer", priority=1),
+        _column("Nodes", ".spec.resources.nodes", "integer", priority=1),
+        _column("GPUs", ".spec.resources.gpus", "integer", description="Per pod.", priority=1),
         _column("Model", ".status.registeredModel", priority=1),
         _column("Reason", ".status.failure.reason", priority=1),
     ]

@@ -288,6 +288,7 @@ class QuantizationType(StrEnum):
 
 
 class ComputeDType(StrEnum):
+    AUTO = "auto"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
     FLOAT32 = "float32"
@@ -308,7 +309,9 @@ class QuantizationSettings(ApiModel):
     )
     double_quant: bool = Field(default=True, description="Quantise the quantisation constants too.")
     compute_dtype: ComputeDType = Field(
-        default=ComputeDType.BFLOAT16, description="Dtype of the matmuls on dequantised weights."
+        default=ComputeDType.AUTO,
+        description="Dtype of the matmuls on dequantised weights (auto: that of the training "
+        "precision, so float16 on GPUs without bfloat16).",
     )
 
 
@@ -330,6 +333,35 @@ class LRScheduler(StrEnum):
     COSINE = "cosine"
     CONSTANT = "constant"
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class PackingStrategy(StrEnum):
+    """How examples share a micro-batch when packing is on."""
+
+    AUTO = "auto"  # the cheaper of padding_free and padded for the hardware and the lengths
+    PADDING_FREE = "padding_free"  # each micro-batch flattened into one row, no padding
+    BFD = "bfd"  # best-fit-decreasing packing into rows of maxSeqLength tokens
+    PADDED = "padded"  # padded rows of similar length (also what packing: false means)
+
+
+class AttentionImplementation(StrEnum):
+    """The attention kernel (transformers' attn_implementation)."""
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+    FLASH_ATTENTION_3 = "flash_attention_3"
+    FLEX_ATTENTION = "flex_attention"
+
+
+class DistributedStrategy(StrEnum):
+    """How the training processes share the work."""
+
+    AUTO = "auto"  # ddp for adapters on a model that fits one device, fsdp for FULL or larger
+    DDP = "ddp"  # data parallel: every process holds the whole model
+    FSDP = "fsdp"  # FSDP2: weights, gradients and optimizer state sharded across processes
+    NONE = "none"  # resolved only: a single process
 
 
 class Precision(StrEnum):
@@ -382,13 +414,33 @@ class Hyperparameters(ApiModel):
     )
     packing: bool = Field(
         default=True,
-        description="Pack several examples per sequence (attention kept within each example).",
+        description="Let several examples share a row (attention kept within each example); "
+        "false: padded rows.",
+    )
+    packing_strategy: PackingStrategy = Field(
+        default=PackingStrategy.AUTO,
+        description="padding_free (a micro-batch in one row), bfd (rows of maxSeqLength filled "
+        "best-fit-decreasing; batchSize then counts rows) or padded; auto: padding_free where "
+        "the attention kernel skips masked blocks (flash attention), else whichever of "
+        "padding_free and padded costs fewer operations on this dataset's lengths.",
+    )
+    attn_implementation: AttentionImplementation = Field(
+        default=AttentionImplementation.AUTO,
+        description="Attention kernel; auto: flash_attention_2 where installed and supported "
+        "(NVIDIA compute capability 8.0 or newer), else sdpa.",
     )
     precision: Precision = Field(
         default=Precision.AUTO, description="auto (bf16 where supported), bf16, fp16, fp32."
     )
-    gradient_checkpointing: bool = Field(
-        default=False, description="Trade compute for activation memory."
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass to save memory; leave out for "
+        "auto (on only when the memory estimate needs it).",
+    )
+    liger_kernel: bool | None = Field(
+        default=None,
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU); leave out for auto "
+        "(on for NVIDIA GPUs where the liger-kernel package is installed).",
     )
     eval_steps: int | None = Field(
         default=None,
@@ -446,7 +498,14 @@ class ResourceSpec(ApiModel):
     """Compute for the training pod and where it may run."""
 
     gpus: int = Field(
-        default=1, description="NVIDIA GPUs (nvidia.com/gpu) for the training pod.", ge=0, le=64
+        default=1, description="NVIDIA GPUs (nvidia.com/gpu) per training pod.", ge=0, le=64
+    )
+    nodes: int = Field(
+        default=1,
+        description="Training pods, each on its own node with `gpus` GPUs; more than one trains "
+        "with torchrun across them.",
+        ge=1,
+        le=256,
     )
     gpu_type: str | None = Field(
         default=None,
@@ -482,6 +541,31 @@ class ResourceSpec(ApiModel):
     )
 
 
+class DistributedSpec(ApiModel):
+    """How the training processes of a job work together."""
+
+    strategy: DistributedStrategy = Field(
+        default=DistributedStrategy.AUTO,
+        description="auto, ddp or fsdp (FSDP2). auto: ddp for LORA, QLORA, PREFIX_TUNING and "
+        "PROMPT_TUNING when the model fits one device, fsdp for FULL and for models that do not.",
+        json_schema_extra={"enum": ["auto", "ddp", "fsdp"]},
+    )
+    processes_per_node: int | None = Field(
+        default=None,
+        description="Training processes per pod for CPU-only jobs (resources.gpus: 0; default 1). "
+        "With GPUs each pod runs one process per GPU.",
+        ge=1,
+        le=64,
+    )
+    timeout_seconds: int = Field(
+        default=600,
+        description="How long a collective operation may wait for the other processes before "
+        "the attempt fails (a crashed process never leaves the others hanging).",
+        ge=30,
+        le=86_400,
+    )
+
+
 class RegistrationSpec(ApiModel):
     """The RegisteredModel created when training succeeds."""
 
@@ -512,6 +596,28 @@ class PodMetadata(ApiModel):
 
 
 _METHOD_SETTINGS_RULES = validations(
+    cel(
+        "self.method != 'PREFIX_TUNING' || !has(self.hyperparameters) "
+        "|| !has(self.hyperparameters.gradientCheckpointing) "
+        "|| !self.hyperparameters.gradientCheckpointing",
+        "PREFIX_TUNING cannot use gradient checkpointing (its prefix lives in the attention "
+        "cache, which checkpointing drops): leave hyperparameters.gradientCheckpointing out",
+        field_path=".hyperparameters.gradientCheckpointing",
+    ),
+    cel(
+        "!has(self.distributed) || self.distributed.strategy != 'fsdp' "
+        "|| self.method in ['FULL', 'LORA']",
+        "distributed.strategy fsdp supports FULL and LORA only (QLORA's 4-bit weights and the "
+        "virtual tokens of PREFIX_TUNING/PROMPT_TUNING do not shard): use ddp or auto",
+        field_path=".distributed.strategy",
+    ),
+    cel(
+        "!has(self.distributed) || !has(self.distributed.processesPerNode) "
+        "|| !has(self.resources) || self.resources.gpus == 0",
+        "distributed.processesPerNode applies to CPU-only jobs (resources.gpus: 0); with GPUs "
+        "each pod runs one process per GPU",
+        field_path=".distributed.processesPerNode",
+    ),
     cel(
         "!has(self.lora) || self.method in ['LORA', 'QLORA']",
         "lora settings apply only to method LORA or QLORA",
@@ -564,6 +670,10 @@ class FineTuningJobSpec(ApiModel):
     output: OutputSpec = Field(description="Where checkpoints and the trained model are written.")
     resources: ResourceSpec = Field(
         default_factory=ResourceSpec, description="Compute and placement."
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="Multi-process training: strategy and processes per pod.",
     )
     image: str | None = Field(
         default=None,
@@ -654,16 +764,31 @@ class ResolvedHyperparameters(ApiModel):
 
     epochs: int = Field(description="Passes over the dataset.")
     max_steps: int | None = Field(default=None, description="Step limit, if any.")
-    batch_size: int = Field(description="Examples per device per step.")
+    batch_size: int = Field(description="Examples (rows, with bfd packing) per process per step.")
     gradient_accumulation_steps: int = Field(description="Steps accumulated per optimizer step.")
-    effective_batch_size: int = Field(description="batchSize x gradientAccumulationSteps x GPUs.")
+    effective_batch_size: int = Field(
+        description="batchSize x gradientAccumulationSteps x worldSize."
+    )
+    world_size: int = Field(default=1, description="Training processes, over all pods.", ge=1)
+    distributed_strategy: DistributedStrategy = Field(
+        default=DistributedStrategy.NONE, description="none (one process), ddp or fsdp."
+    )
     learning_rate: float = Field(description="Peak learning rate.")
     lr_scheduler: LRScheduler = Field(description="Learning-rate schedule.")
     warmup_ratio: float = Field(description="Fraction of steps spent warming up.")
     weight_decay: float = Field(description="AdamW weight decay.")
     max_grad_norm: float = Field(description="Gradient clipping norm.")
     max_seq_length: int = Field(description="Longest example, in tokens.")
-    packing: bool = Field(description="Whether examples are packed.")
+    packing: bool = Field(description="Whether examples share rows.")
+    packing_strategy: PackingStrategy = Field(
+        default=PackingStrategy.AUTO,
+        description="padding_free, bfd or padded; auto until the trainer has seen the lengths.",
+    )
+    attn_implementation: AttentionImplementation = Field(
+        default=AttentionImplementation.AUTO,
+        description="Attention kernel; auto until the trainer has seen the hardware.",
+    )
+    liger_kernel: bool = Field(default=False, description="Whether Liger's kernels are used.")
     precision: Precision = Field(description="Numeric precision used.")
     gradient_checkpointing: bool = Field(description="Whether activations are recomputed.")
     eval_steps: int | None = Field(
@@ -672,6 +797,14 @@ class ResolvedHyperparameters(ApiModel):
     save_steps: int = Field(description="Checkpoint interval in steps.")
     logging_steps: int = Field(description="Progress interval in steps.")
     seed: int = Field(description="Random seed.")
+    estimated_memory_gib: float | None = Field(
+        default=None, description="Estimated peak memory per device for this setup, in GiB."
+    )
+    decisions: list[str] = Field(
+        default_factory=list,
+        description="Why each auto setting got its value.",
+        max_length=LIST_MAX,
+    )
 
 
 class FailureReason(StrEnum):
@@ -722,7 +855,12 @@ class FineTuningJobStatus(ApiModel):
     completion_time: datetime | None = Field(default=None, description="When the job ended.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     hyperparameters: ResolvedHyperparameters | None = Field(
-        default=None, description="The hyperparameters actually used."
+        default=None,
+        description="The hyperparameters actually used (as the trainer reported them once it "
+        "started, else as the operator resolved them).",
+    )
+    world_size: int | None = Field(
+        default=None, description="Training processes over all pods (nodes x processes per pod)."
     )
     failure: Failure | None = Field(default=None, description="Why the job failed.")
     retries: int = Field(

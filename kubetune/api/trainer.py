@@ -95,6 +95,10 @@ class ProgressReport(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Real tokens per second.")
     eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds left.")
     timestamp: datetime = Field(description="When this was measured.")
+    hyperparameters: ResolvedHyperparameters | None = Field(
+        default=None,
+        description="What the trainer resolved auto to on its hardware and model, and why.",
+    )
 
 
 class ValidationReport(ApiModel):
@@ -127,6 +131,9 @@ class ResultReport(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics.")
     dataset_digest: str = Field(default="", description="sha256 of the prepared dataset.")
     completed_at: datetime = Field(description="When training finished.")
+    hyperparameters: ResolvedHyperparameters | None = Field(
+        default=None, description="The hyperparameters the model was trained with."
+    )
 
 
 class ErrorReport(ApiModel):

@@ -119,6 +119,27 @@ INVALID = [
         ),
         "spec.output.mergeAdapter",
     ),
+    (
+        "prefix-tuning-with-gradient-checkpointing",
+        spec_with(method="PREFIX_TUNING", lora=DELETE, hyperparameters__gradientCheckpointing=True),
+        "spec.hyperparameters.gradientCheckpointing",
+    ),
+    (
+        "qlora-with-fsdp",
+        spec_with(method="QLORA", distributed={"strategy": "fsdp"}),
+        "spec.distributed.strategy",
+    ),
+    (
+        "processes-per-node-with-gpus",
+        spec_with(distributed={"processesPerNode": 2}),
+        "spec.distributed.processesPerNode",
+    ),
+    ("zero-nodes", spec_with(resources={"nodes": 0}), "spec.resources.nodes"),
+    (
+        "unknown-packing-strategy",
+        spec_with(hyperparameters__packingStrategy="greedy"),
+        "spec.hyperparameters.packingStrategy",
+    ),
     ("unknown-field", spec_with(learningRate=0.1), "learningRate"),
     (
         "bad-secret-name",

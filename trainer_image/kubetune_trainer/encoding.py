@@ -12,6 +12,7 @@ a row left with no label tokens after truncation is an error naming the row.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from kubetune_trainer.errors import InvalidConfig, InvalidDataset
 from kubetune_trainer.records import ExampleShape, Record, messages_of, string_field
 
 IGNORE_INDEX = -100
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -106,18 +108,34 @@ class Encoder:
         return ids if ids and ids[-1] == self.eos_id else [*ids, self.eos_id]
 
     def _encode_chat(self, record: Record) -> tuple[list[int], list[int]]:
-        """Render with the chat template; label tokens that start inside an assistant turn
-        (its content and the template's end-of-turn text)."""
+        """Render with the chat template; label the assistant turns.
+
+        A template that marks assistant turns with {% generation %} gives the mask
+        itself. Otherwise each assistant turn is located by rendering the
+        conversation up to it: that only works if every such rendering is a prefix of
+        the whole conversation's. Templates that render a turn differently once it is
+        no longer the last (reasoning templates drop earlier thinking blocks) fail
+        that check and are refused: a guessed span would spill into the next turn."""
         messages = messages_of(record, self.shape.messages or "")
+        if self._has_generation_markers():
+            return self._encode_chat_with_mask(record, messages)
         render = self.tokenizer.apply_chat_template
         text = render(messages, tokenize=False)
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(render(messages[:index], tokenize=False, add_generation_prompt=True))
-            end = len(render(messages[: index + 1], tokenize=False))
-            spans.append((start, end))
+            before = render(messages[:index], tokenize=False, add_generation_prompt=True)
+            through = render(messages[: index + 1], tokenize=False)
+            if not (text.startswith(before) and text.startswith(through)):
+                raise InvalidConfig(
+                    f"{record.where}: the base model's chat template renders assistant turn "
+                    f"{index + 1} differently in the whole conversation than on its own, so "
+                    "its tokens cannot be told apart from the next turn's. Use a template "
+                    "that marks assistant turns with {% generation %} ... {% endgeneration %} "
+                    "(transformers' assistant mask), or prompt/completion fields"
+                )
+            spans.append((len(before), len(through)))
         bos_text = self.tokenizer.bos_token
         add_special = not (bos_text and text.startswith(bos_text))
         encoded = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
@@ -132,3 +150,22 @@ class Encoder:
             for token, (begin, end_offset) in zip(ids, offsets, strict=True)
         ]
         return ids, labels
+
+    def _has_generation_markers(self) -> bool:
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return isinstance(template, str) and GENERATION_MARKER.search(template) is not None
+
+    def _encode_chat_with_mask(self, record: Record, messages) -> tuple[list[int], list[int]]:
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(rendered["input_ids"])
+        mask = list(rendered["assistant_masks"])
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            ids, mask = ids[1:], mask[1:]
+        if not any(mask):
+            raise InvalidConfig(
+                f"{record.where}: the chat template's {{% generation %}} markers select no "
+                "tokens: check that they enclose the assistant content"
+            )
+        return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]

@@ -8,10 +8,9 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
-from kubetune.api.finetuningjob import FineTuningMethod
+from kubetune.api.finetuningjob import FineTuningMethod, ResolvedHyperparameters
 from kubetune.api.trainer import TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -37,44 +36,36 @@ def artifact_kind(method: FineTuningMethod) -> str:
     return "full" if method == FineTuningMethod.FULL else "adapter"
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, *, state_dict=None) -> None:
     """Adapter (peft) or full weights as safetensors, with the tokenizer, written atomically."""
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(partial, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
 
 
-def dequantize_linear4bit(model, dtype: torch.dtype) -> None:
-    """Replace every bitsandbytes 4-bit linear layer with a plain linear layer holding
-    its dequantised weights: the exact weights the quantised model computes with."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+def save_trained(trainer, tokenizer, folder: Path, processes) -> None:
+    """The trained weights (adapter, or the whole model for FULL) from the main process.
+    Under FSDP every process takes part in gathering the full state dict first."""
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if processes.is_main:
+        model = accelerator.unwrap_model(trainer.model)
+        save_model(model, tokenizer, folder, state_dict=state_dict)
+    accelerator.wait_for_everyone()
 
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        weight = dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-        linear = torch.nn.Linear(
-            module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
-        )
-        linear.to(weight.device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.to(dtype))
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, linear)
-    for attribute in ("quantization_config",):
-        if hasattr(model.config, attribute):
-            delattr(model.config, attribute)
-    for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if getattr(model, flag, False):
-            setattr(model, flag, False)
-    model.hf_quantizer = None
+
+def dequantize(model):
+    """The quantised (4- or 8-bit) base with every quantised layer replaced by a plain one
+    holding its dequantised weights: the exact weights the quantised model computes with,
+    and no quantization_config left in its config."""
+    model = model.dequantize()
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    return model
 
 
 def merge_adapter(base_model, adapter_folder: Path, tokenizer, folder: Path) -> None:
@@ -86,7 +77,12 @@ def merge_adapter(base_model, adapter_folder: Path, tokenizer, folder: Path) -> 
 
 
 def write_model_card(
-    config: TrainerConfig, folder: Path, metrics: dict[str, float], digest: str, dataset_digest: str
+    config: TrainerConfig,
+    hp: ResolvedHyperparameters,
+    folder: Path,
+    metrics: dict[str, float],
+    digest: str,
+    dataset_digest: str,
 ) -> None:
     spec = config.spec
     method = spec.method
@@ -104,7 +100,7 @@ def write_model_card(
             "dataset_digest": dataset_digest,
             "weights_digest": digest,
             "seed": spec.seed,
-            "hyperparameters": config.hyperparameters.model_dump(mode="json", by_alias=True),
+            "hyperparameters": hp.model_dump(mode="json", by_alias=True, exclude={"decisions"}),
             "metrics": metrics,
         },
     }

@@ -68,5 +68,6 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         error = ErrorReport(reason="TrainerError", message=summary)
         write_termination(TrainerTermination(error=error), termination_path)
         return EXIT_TRAINER_ERROR
-    write_termination(termination, termination_path)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process speaks for all
+        write_termination(termination, termination_path)
     return 0

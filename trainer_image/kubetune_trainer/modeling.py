@@ -11,10 +11,12 @@ import torch
 
 from kubetune.api.finetuningjob import (
     ComputeDType,
+    DistributedStrategy,
     FineTuningJobSpec,
     FineTuningMethod,
     Precision,
     QuantizationSettings,
+    ResolvedHyperparameters,
 )
 from kubetune.api.trainer import TrainerConfig
 from kubetune_trainer.errors import InputNotFound, InvalidConfig
@@ -32,8 +34,6 @@ ADAPTER_METHODS = (
     FineTuningMethod.PREFIX_TUNING,
     FineTuningMethod.PROMPT_TUNING,
 )
-# Methods whose forward takes extra virtual positions: packing is left to padded batches.
-VIRTUAL_TOKEN_METHODS = (FineTuningMethod.PREFIX_TUNING, FineTuningMethod.PROMPT_TUNING)
 
 
 @dataclass(frozen=True)
@@ -69,21 +69,40 @@ class ModelSource:
         }
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRECISION_DTYPES = {
+    Precision.BF16: torch.bfloat16,
+    Precision.FP16: torch.float16,
+    Precision.FP32: torch.float32,
+}
 
 
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the precision, None for fp32 (or where unsupported)."""
-    if precision == Precision.BF16:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise InvalidConfig("precision bf16 is not supported by this GPU: use fp16")
-        return torch.bfloat16
-    if precision == Precision.FP16:
-        if device.type != "cuda":
-            raise InvalidConfig("precision fp16 needs a GPU: use fp32 or bf16 on CPU")
-        return torch.float16
-    return None
+def check_precision(precision: Precision, device: torch.device) -> None:
+    """Refuse a precision the device cannot train in, naming the fix."""
+    if precision == Precision.BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InvalidConfig(
+            "hyperparameters.precision bf16 is not supported by this GPU: use fp16 or auto"
+        )
+    if precision == Precision.FP16 and device.type != "cuda":
+        raise InvalidConfig(
+            "hyperparameters.precision fp16 needs a GPU: use fp32 or bf16 on CPU (or auto)"
+        )
+
+
+def compute_dtype(settings: QuantizationSettings | None, precision: Precision) -> torch.dtype:
+    """QLoRA's matmul dtype: the training precision's unless set explicitly, so a GPU
+    without bfloat16 computes in float16 rather than failing."""
+    chosen = (settings or QuantizationSettings()).compute_dtype
+    if chosen == ComputeDType.AUTO:
+        return PRECISION_DTYPES[precision]
+    if (
+        chosen == ComputeDType.BFLOAT16
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise InvalidConfig(
+            "quantization.computeDtype bfloat16 is not supported by this GPU: use float16 or auto"
+        )
+    return DTYPES[chosen]
 
 
 def load_tokenizer(source: ModelSource):
@@ -101,7 +120,7 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def quantization_config(settings: QuantizationSettings | None):
+def quantization_config(settings: QuantizationSettings | None, precision: Precision):
     from transformers import BitsAndBytesConfig
 
     settings = settings or QuantizationSettings()
@@ -111,29 +130,40 @@ def quantization_config(settings: QuantizationSettings | None):
         load_in_4bit=True,
         bnb_4bit_quant_type=settings.quant_type.value,
         bnb_4bit_use_double_quant=settings.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[settings.compute_dtype],
+        bnb_4bit_compute_dtype=compute_dtype(settings, precision),
     )
+
+
+def weights_dtype(spec: FineTuningJobSpec, hp: ResolvedHyperparameters) -> torch.dtype:
+    """fp32 master weights for FULL and under FSDP (which casts to the training precision
+    itself, and needs one dtype per shard group); frozen 16-bit weights for adapters."""
+    if (
+        spec.method in ADAPTER_METHODS
+        and hp.distributed_strategy != DistributedStrategy.FSDP
+        and hp.precision in (Precision.BF16, Precision.FP16)
+    ):
+        return PRECISION_DTYPES[hp.precision]
+    return torch.float32
 
 
 def load_base_model(
     source: ModelSource,
     spec: FineTuningJobSpec,
-    precision: Precision,
+    hp: ResolvedHyperparameters,
     device: torch.device,
     *,
     quantized: bool | None = None,
 ):
-    """The base model on the device: fp32 master weights for FULL, 16-bit frozen weights
-    for adapters under bf16/fp16, 4-bit for QLORA."""
+    """The base model on the device, in weights_dtype (QLORA: 4 or 8 bits), with the
+    resolved attention kernel."""
     from transformers import AutoModelForCausalLM
 
     quantized = spec.method == FineTuningMethod.QLORA if quantized is None else quantized
-    dtype = torch.float32
-    if spec.method in ADAPTER_METHODS and precision in (Precision.BF16, Precision.FP16):
-        dtype = torch.bfloat16 if precision == Precision.BF16 else torch.float16
-    kwargs = {"dtype": dtype, **source.kwargs()}
+    kwargs = {"dtype": weights_dtype(spec, hp), **source.kwargs()}
+    if hp.attn_implementation != "auto":
+        kwargs["attn_implementation"] = hp.attn_implementation.value
     if quantized:
-        kwargs["quantization_config"] = quantization_config(spec.quantization)
+        kwargs["quantization_config"] = quantization_config(spec.quantization, hp.precision)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
@@ -158,11 +188,11 @@ def disable_cpu_4bit_repacking(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_method(model, spec: FineTuningJobSpec, source: ModelSource, gradient_checkpointing: bool):
-    """Wrap the base model for the method; only the method's parameters stay trainable."""
+def apply_method(model, spec: FineTuningJobSpec, source: ModelSource):
+    """Wrap the base model for the method; only the method's parameters stay trainable.
+    (Gradient checkpointing is switched on by the Trainer, which also makes the inputs of
+    a frozen base require gradients.)"""
     method = spec.method
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == FineTuningMethod.FULL:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -178,8 +208,6 @@ def apply_method(model, spec: FineTuningJobSpec, source: ModelSource, gradient_c
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()
     if method in (FineTuningMethod.LORA, FineTuningMethod.QLORA):
         lora = spec.lora
         peft_config = LoraConfig(
@@ -211,21 +239,18 @@ def apply_method(model, spec: FineTuningJobSpec, source: ModelSource, gradient_c
         model, "is_loaded_in_8bit", False
     ):
         model.to(device)  # virtual-token embeddings are created on the CPU
-    # Trainable adapter weights stay in fp32 even on a 16-bit or 4-bit base.
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+    upcast_trainable(model)
     disable_cpu_4bit_repacking(model)
     return model
 
 
-def num_virtual_tokens(model) -> int:
-    """Extra positions a prompt-tuned model puts in front of the input (0 otherwise)."""
-    peft_config = getattr(model, "peft_config", None)
-    if not peft_config:
-        return 0
-    config = next(iter(peft_config.values()))
-    return config.num_virtual_tokens if config.peft_type.value == "PROMPT_TUNING" else 0
+def upcast_trainable(model) -> None:
+    """Trainable adapter weights in fp32 even on a 16-bit or 4-bit base: AdamW updates
+    smaller than bf16 can represent would otherwise be lost, and fp16 gradient scaling
+    refuses fp16 parameters."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def packing_supported(model, device: torch.device) -> bool:

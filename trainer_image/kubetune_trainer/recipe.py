@@ -1,41 +1,53 @@
-"""The training recipe, top to bottom: setup, data, model, train, save.
+"""The training recipe, top to bottom: setup, data, model, trainer, train, save, evaluate.
 
 `run()` returns the TrainerTermination to publish; failures are raised as
-TrainerFailure (see errors.py) and turned into exit codes by `main`.
+TrainerFailure (see errors.py) and turned into exit codes by `main`. Under
+torchrun every process runs this; only the main one reports and writes the
+model.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kubetune.api.finetuningjob import FineTuningMethod
+from kubetune.api.finetuningjob import (
+    DistributedStrategy,
+    FineTuningMethod,
+    ResolvedHyperparameters,
+)
 from kubetune.api.trainer import (
     ProgressReport,
+    ReportTarget,
     ResultArtifact,
     ResultReport,
     TrainerConfig,
     TrainerMode,
     TrainerTermination,
 )
-from kubetune_trainer import export, modeling
+from kubetune_trainer import acceleration, export, modeling, setup
+from kubetune_trainer.callbacks import CheckpointMarker, Progress, StepObserver, StopOnSignal
+from kubetune_trainer.checkpoints import resumable_checkpoint
+from kubetune_trainer.distributed import Processes, device_for, enable_fsdp_on_cpu, fsdp_settings
+from kubetune_trainer.errors import Interrupted
 from kubetune_trainer.preparation import prepare_dataset
 from kubetune_trainer.reporting import Reporter, now
-from kubetune_trainer.training import StepCallback, StepReport, Trainer
+from kubetune_trainer.training import build_trainer, sft_arguments
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 MERGED_DIR = "merged"
 CHECKPOINT_DIR = "checkpoints"
+INITIAL_EVAL_FILE = "initial_eval.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -45,16 +57,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run(
-    config: TrainerConfig, mode: TrainerMode, *, callbacks: Sequence[StepCallback] = ()
+    config: TrainerConfig, mode: TrainerMode, *, callbacks: Sequence[StepObserver] = ()
 ) -> TrainerTermination:
     # --- setup ---------------------------------------------------------------
-    spec, hp = config.spec, config.hyperparameters
-    output = Path(config.paths.output)
-    output.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(config.report, config.job.namespace)
-    device = modeling.pick_device()
-    autocast_dtype = modeling.autocast_dtype(hp.precision, device)
-    seed_everything(hp.seed)
+    spec = config.spec
+    processes = Processes.from_environment()
+    reporter = Reporter(
+        config.report if processes.is_main else ReportTarget(), config.job.namespace
+    )
+    device = device_for(processes)
+    seed_everything(config.hyperparameters.seed)
     source = modeling.ModelSource.from_config(config)
     tokenizer = modeling.load_tokenizer(source)
 
@@ -65,23 +77,27 @@ def run(
         log.info("dataset: %s", line)
     if mode == TrainerMode.VALIDATE:
         return TrainerTermination(validation=data.report)
-    export.write_json(output / "trainer_config.json", config.model_dump(mode="json", by_alias=True))
+    output = Path(config.paths.output)
+    if processes.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        export.write_json(
+            output / "trainer_config.json", config.model_dump(mode="json", by_alias=True)
+        )
 
     # --- model ---------------------------------------------------------------
+    hardware = acceleration.Hardware.detect()
+    hp = setup.before_loading(config, hardware)
+    modeling.check_precision(hp.precision, device)
     seed_everything(hp.seed)
-    model = modeling.load_base_model(source, spec, hp.precision, device)
-    model = modeling.apply_method(model, spec, source, hp.gradient_checkpointing)
-    packed = (
-        hp.packing
-        and spec.method not in modeling.VIRTUAL_TOKEN_METHODS
-        and modeling.packing_supported(model, device)
-    )
-    log.info("batches: %s", "packed, padding-free" if packed else "padded, length-grouped")
+    model = modeling.load_base_model(source, spec, hp, device)
+    hp = setup.after_loading(spec, hp, model, device)
+    model = modeling.apply_method(model, spec, source)
+    hp = setup.choose_packing(spec, hp, model, device, [len(e) for e in data.train.examples])
+    for decision in hp.decisions:
+        log.info("auto: %s", decision)
 
-    # --- train ---------------------------------------------------------------
-    def report_progress(step: StepReport) -> None:
-        if step.step % hp.logging_steps and step.step != step.total_steps:
-            return
+    # --- trainer -------------------------------------------------------------
+    def report_progress(step) -> None:
         reporter.progress(
             ProgressReport(
                 step=step.step,
@@ -93,63 +109,73 @@ def run(
                 tokens_per_second=step.tokens_per_second,
                 eta_seconds=step.eta_seconds,
                 timestamp=now(),
+                hyperparameters=hp,
             ),
             final=step.step == step.total_steps,
         )
         log.info(
-            "step %d/%d loss %.4f lr %.3g %.0f tokens/s",
+            "step %d/%d loss %s lr %s %s tokens/s",
             step.step,
             step.total_steps,
-            step.loss,
-            step.learning_rate,
-            step.tokens_per_second,
+            _fmt(step.loss),
+            _fmt(step.learning_rate),
+            _fmt(step.tokens_per_second),
         )
 
-    trainer = Trainer(
-        model=model,
-        train_examples=data.train.examples,
-        eval_examples=data.eval.examples,
-        hyperparameters=hp,
-        packed=packed,
-        pad_token_id=tokenizer.pad_token_id,
-        device=device,
-        autocast_dtype=autocast_dtype,
-        checkpoint_dir=output / CHECKPOINT_DIR,
-        virtual_tokens=modeling.num_virtual_tokens(model),
-        callbacks=[report_progress, *callbacks],
+    progress = Progress([report_progress, *callbacks], processes)
+    stop = StopOnSignal(processes)
+    checkpoints = output / CHECKPOINT_DIR
+    args = sft_arguments(
+        hp,
+        output_dir=checkpoints,
+        on_cpu=device.type == "cpu",
+        has_eval=bool(data.eval.examples),
+        collective_timeout_seconds=spec.distributed.timeout_seconds,
+        fsdp=fsdp_settings(model, hp),
     )
-    trainer.resume()
-    started = time.monotonic()
-    state = trainer.fit()
-    runtime = time.monotonic() - started
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        args,
+        train=data.train.examples,
+        evaluation=data.eval.examples,
+        callbacks=[progress, CheckpointMarker(config.job, processes), stop],
+        keep_fp32_adapters=hp.precision.value != "bf16",
+    )
+    if hp.distributed_strategy == DistributedStrategy.FSDP and device.type == "cpu":
+        enable_fsdp_on_cpu(trainer)
 
-    # --- save ----------------------------------------------------------------
-    metrics = {
-        "train_loss": state.loss_history[-1][1] if state.loss_history else float("nan"),
-        "steps": float(state.step),
-        "epochs": state.step / max(trainer.steps_per_epoch, 1),
-        "train_tokens": float(state.real_tokens),
-        "train_runtime_seconds": runtime,
-    }
-    if data.eval.examples:
-        metrics["eval_loss_initial"] = state.eval_history[0][1]
-        eval_loss = trainer.evaluate()
-        metrics["eval_loss"] = eval_loss
-        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+    # --- train ---------------------------------------------------------------
+    resume = resumable_checkpoint(checkpoints, config.job)
+    initial_eval = _initial_eval(trainer, output, processes, resumed=resume is not None)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped:
+        raise Interrupted(trainer.state.global_step)
+
+    # --- save and evaluate ---------------------------------------------------
+    metrics = _metrics(trainer, progress, data, initial_eval)
     model_dir = output / MODEL_DIR
-    export.save_model(model, tokenizer, model_dir)
+    export.save_trained(trainer, tokenizer, model_dir, processes)
+    if not processes.is_main:
+        return TrainerTermination()
     digest = export.weights_digest(model_dir)
-    export.write_model_card(config, model_dir, metrics, digest, data.report.digest)
+    export.write_model_card(config, hp, model_dir, metrics, digest, data.report.digest)
     export.write_json(
         output / "metrics.json",
-        {**metrics, "loss_history": state.loss_history, "eval_history": state.eval_history},
+        {
+            **metrics,
+            "loss_history": logged(trainer.state.log_history, "loss"),
+            "eval_history": logged(trainer.state.log_history, "eval_loss"),
+        },
     )
     merged_path = None
     if spec.output.merge_adapter and spec.method in (FineTuningMethod.LORA, FineTuningMethod.QLORA):
         del trainer, model
         gc.collect()
         merged_path = MERGED_DIR
-        save_merged(config, source, tokenizer, device, model_dir, output / MERGED_DIR)
+        save_merged(config, hp, source, tokenizer, device, model_dir, output / MERGED_DIR)
 
     result = ResultReport(
         artifact=ResultArtifact(
@@ -161,21 +187,88 @@ def run(
         metrics=metrics,
         dataset_digest=data.report.digest,
         completed_at=now(),
+        hyperparameters=hp,
     )
     reporter.result(result)
     return TrainerTermination(result=result)
 
 
-def save_merged(config, source, tokenizer, device, adapter_dir: Path, merged_dir: Path) -> None:
-    """The base with the adapter merged in. QLoRA merges into the dequantised 4-bit base
-    (the weights it trained against), in the compute dtype, never into 4-bit weights."""
-    spec, hp = config.spec, config.hyperparameters
-    if spec.method == FineTuningMethod.QLORA:
-        base = modeling.load_base_model(source, spec, hp.precision, device, quantized=True)
-        dtype = modeling.DTYPES[
-            (spec.quantization or modeling.QuantizationSettings()).compute_dtype
-        ]
-        export.dequantize_linear4bit(base, dtype)
-    else:
-        base = modeling.load_base_model(source, spec, hp.precision, device, quantized=False)
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _initial_eval(trainer, output: Path, processes: Processes, *, resumed: bool) -> float | None:
+    """The held-out loss before training (the baseline the fine-tune must beat), measured
+    once: a resumed run reads the first run's."""
+    if trainer.eval_dataset is None:
+        return None
+    path = output / INITIAL_EVAL_FILE
+    if resumed and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["eval_loss"]
+    loss = trainer.evaluate()["eval_loss"]
+    if processes.is_main:
+        export.write_json(path, {"eval_loss": loss})
+    return loss
+
+
+def _metrics(trainer, progress: Progress, data, initial_eval: float | None) -> dict[str, float]:
+    state = trainer.state
+    metrics = {
+        "train_loss": mean_logged_loss(state.log_history),
+        "steps": float(state.global_step),
+        "epochs": float(state.epoch or 0.0),
+        "train_tokens": float((state.epoch or 0.0) * data.train.tokens),
+        "train_runtime_seconds": progress.clock.step_seconds,
+    }
+    if progress.clock.tokens_per_second:
+        metrics["train_tokens_per_second"] = progress.clock.tokens_per_second
+    if trainer.eval_dataset is not None:
+        evals = logged(state.log_history, "eval_loss")
+        last = evals[-1] if evals else None
+        eval_loss = (
+            last[1] if last and last[0] == state.global_step else trainer.evaluate()["eval_loss"]
+        )
+        metrics["eval_loss_initial"] = float(initial_eval)
+        metrics["eval_loss"] = float(eval_loss)
+        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+    return metrics
+
+
+def logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value, resumed runs included (the Trainer's state
+    comes back with the checkpoint)."""
+    return [
+        (entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry
+    ]
+
+
+def mean_logged_loss(log_history: list[dict]) -> float:
+    """The mean loss over every step: each logged loss is the mean since the previous log,
+    so each counts for the steps it covers (resumed runs included)."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:
+            continue
+        covered = entry["step"] - previous
+        if covered > 0:
+            total += entry["loss"] * covered
+            steps += covered
+            previous = entry["step"]
+    return total / steps if steps else float("nan")
+
+
+def save_merged(
+    config: TrainerConfig,
+    hp: ResolvedHyperparameters,
+    source,
+    tokenizer,
+    device,
+    adapter_dir: Path,
+    merged_dir: Path,
+) -> None:
+    """The base with the adapter merged in. QLoRA merges into the dequantised 4- or 8-bit
+    base (the weights it trained against), never into quantised weights."""
+    base = modeling.load_base_model(source, config.spec, hp, device)
+    if config.spec.method == FineTuningMethod.QLORA:
+        base = export.dequantize(base)
     export.merge_adapter(base, adapter_dir, tokenizer, merged_dir)

@@ -148,6 +148,8 @@ def _shorten(termination: TrainerTermination) -> str:
         termination.validation.steps = [s[:200] for s in termination.validation.steps[:8]]
     if termination.result is not None:
         termination.result.metrics = dict(list(termination.result.metrics.items())[:16])
+        if termination.result.hyperparameters is not None:
+            termination.result.hyperparameters.decisions = []
     if termination.error is not None:
         message = termination.error.message
         termination.error = ErrorReport(reason=termination.error.reason, message=message[:3000])
@@ -158,5 +160,8 @@ def _shorten(termination: TrainerTermination) -> str:
         document = termination.model_dump_json(by_alias=True, exclude_none=True)
     if len(document.encode()) > TERMINATION_MESSAGE_MAX_BYTES and termination.validation:
         termination.validation.steps = []
+        document = termination.model_dump_json(by_alias=True, exclude_none=True)
+    if len(document.encode()) > TERMINATION_MESSAGE_MAX_BYTES and termination.result:
+        termination.result.hyperparameters = None  # the report ConfigMap still has them
         document = termination.model_dump_json(by_alias=True, exclude_none=True)
     return document

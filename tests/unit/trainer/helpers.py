@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kubetune.api.finetuningjob import Hyperparameters
 from kubetune.api.trainer import TrainerConfig
 
 CAPITALS = [
@@ -56,6 +57,9 @@ DEFAULT_HYPERPARAMETERS = {
 }
 
 
+SPEC_HYPERPARAMETERS = {field.alias for field in Hyperparameters.model_fields.values()}
+
+
 def make_config(
     tmp_path: Path,
     model_dir: Path,
@@ -85,11 +89,19 @@ def make_config(
         **(spec or {}),
     }
     output = output or tmp_path / "out"
+    resolved = {**DEFAULT_HYPERPARAMETERS, **(hyperparameters or {})}
+    # The spec says what the resolved values say, so the trainer's own resolution of
+    # "auto" (from the model and the device) leaves them as they are.
+    spec_document["hyperparameters"] = {
+        key: value
+        for key, value in resolved.items()
+        if key in SPEC_HYPERPARAMETERS and value is not None
+    } | spec_document.get("hyperparameters", {})
     return TrainerConfig.model_validate(
         {
             "job": {"name": "test-job", "namespace": "ns"},
             "spec": spec_document,
-            "hyperparameters": {**DEFAULT_HYPERPARAMETERS, **(hyperparameters or {})},
+            "hyperparameters": resolved,
             "paths": {
                 "baseModel": str(model_dir),
                 "dataset": str(dataset) if dataset else None,

@@ -100,3 +100,60 @@ def test_prompt_longer_than_max_length_is_an_error_naming_the_row(tokenizer):
         match=r"d.jsonl line 5: no tokens left to learn from after truncation to maxSeqLength 8",
     ):
         encoder.encode(record)
+
+
+# A reasoning-style template: the last assistant turn gets a thinking block that
+# earlier turns lose, so rendering a conversation up to a middle turn is not a
+# prefix of the whole conversation.
+REASONING_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "<|assistant|>\n<think>ok</think>{{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+MASKED_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TWO_TURNS = [
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "hi there"},
+    {"role": "user", "content": "color of the sun?"},
+    {"role": "assistant", "content": "yellow"},
+]
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+def _learned(tokenizer, example):
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=True) if label >= 0]
+    )
+
+
+def test_a_template_that_renders_turns_differently_is_refused(tokenizer):
+    from kubetune_trainer.errors import InvalidConfig
+
+    reasoning = _with_template(tokenizer, REASONING_TEMPLATE)
+    with pytest.raises(InvalidConfig, match=r"row 3.*assistant turn 2.*\{% generation %\}"):
+        Encoder(reasoning, CHAT, 128).encode(Record(3, {"messages": TWO_TURNS}))
+    # A single assistant turn is the last one everywhere: nothing to tell apart.
+    example, _ = Encoder(reasoning, CHAT, 128).encode(Record(1, {"messages": TWO_TURNS[:2]}))
+    assert _learned(reasoning, example) == "<think>ok</think>hi there</s>\n"
+
+
+def test_the_templates_assistant_mask_is_used_when_it_has_one(tokenizer):
+    masked = _with_template(tokenizer, MASKED_TEMPLATE)
+    example, _ = Encoder(masked, CHAT, 128).encode(Record(1, {"messages": TWO_TURNS}))
+    assert example.input_ids.count(masked.bos_token_id) == 1
+    assert _learned(masked, example) == "hi there</s>yellow</s>"

@@ -231,3 +231,24 @@ def test_back_translation_needs_both_models():
 
 def test_normalize_whitespace_keeps_paragraphs():
     assert normalize_whitespace("a\u00a0b  c\r\n\n d") == "a b c\n\nd"
+
+
+def test_augmented_copies_never_cross_the_train_eval_split():
+    from kubetune_trainer.preparation import preprocess_and_split
+
+    rows = [Record(i, {"q": f"question number {i} here", "a": f"answer {i}"}) for i in range(1, 41)]
+    steps = [
+        PreprocessingStep.model_validate(s)
+        for s in (
+            {"type": "transform", "operation": "deduplicate"},
+            {"type": "augment", "method": "noise", "params": {"fraction": "1.0", "seed": "3"}},
+            {"type": "transform", "operation": "lowercase"},
+        )
+    ]
+    context = PipelineContext(fields=FieldMapping(prompt="q", completion="a"))
+    train, evaluation, lines = preprocess_and_split(rows, steps, context, 0.25, seed=5)
+    assert len(evaluation) == 10 and len(train) == 60  # 30 rows and a copy of each
+    assert {r.row for r in train}.isdisjoint({r.row for r in evaluation})
+    assert all(r.origin == "" for r in evaluation)  # evaluation rows are never augmented
+    assert all(r.fields["q"] == r.fields["q"].lower() for r in evaluation)  # later steps run
+    assert lines[1].endswith("(training rows)") and "added 30" in lines[1]

@@ -108,8 +108,9 @@ def test_progress_every_logging_steps(tmp_path, tiny_model_dir):
         ],
     )
     assert code == 0
-    # The callback runs after the trainer's own report for the same step.
-    assert [s for s in seen if s is not None] == [4] * 4 + [8] * 4 + [12] * 2 + [14]
+    # Observers hear of every logged step (and the last one), after the trainer's own
+    # report for that step.
+    assert seen == [4, 8, 12, 14]
 
 
 def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path, tiny_model_dir):
@@ -125,7 +126,9 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path, tiny
         tmp_path, tiny_model_dir, name="resumed", callbacks=[preempt], **settings
     )
     assert code == EXIT_INTERRUPTED
-    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    # The step under way when SIGTERM came (7) is finished and saved.
+    saved = sorted(p.name for p in (output / "checkpoints").iterdir() if p.is_dir())
+    assert saved == ["checkpoint-4", "checkpoint-7"]
     assert not (output / "model").exists()
     code, resumed, _ = train(tmp_path, tiny_model_dir, name="resumed", **settings)
     assert code == 0
@@ -141,15 +144,24 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(tmp_path, tiny
     assert resumed["result"]["artifact"]["digest"] == straight["result"]["artifact"]["digest"]
 
 
-def test_partial_checkpoints_are_ignored(tmp_path, tiny_model_dir):
-    from kubetune_trainer.checkpoints import latest_checkpoint
+def test_resumes_only_complete_checkpoints_of_its_own_job(tmp_path):
+    from kubetune_trainer.checkpoints import resumable_checkpoint, write_marker
+    from kubetune_trainer.errors import InvalidConfig
 
+    from kubetune.api.trainer import JobIdentity
+
+    job = JobIdentity(name="a", namespace="ns", uid="u1")
     root = tmp_path / "checkpoints"
-    (root / "step-3").mkdir(parents=True)
-    (root / "step-3" / "trainer_state.json").write_text("{}")
-    (root / "step-9").mkdir()  # killed before its state file was written
-    (root / ".step-12.partial").mkdir()
-    assert latest_checkpoint(root) == root / "step-3"
+    for step in (3, 9, 12):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+    write_marker(root / "checkpoint-3", job, 3)
+    write_marker(root / "checkpoint-9", job, 9)
+    # checkpoint-12 has no marker: the run was killed while saving it.
+    assert resumable_checkpoint(root, job) == root / "checkpoint-9"
+    assert resumable_checkpoint(tmp_path / "none", job) is None
+    # The same name recreated is another job: its files are never loaded.
+    with pytest.raises(InvalidConfig, match="another job"):
+        resumable_checkpoint(root, JobIdentity(name="a", namespace="ns", uid="u2"))
 
 
 def _logits(model, ids):
@@ -157,8 +169,8 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("method", ["LORA", "QLORA"])
-def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize(("method", "bits"), [("LORA", None), ("QLORA", 4), ("QLORA", 8)])
+def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_model_dir, method, bits):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -167,18 +179,21 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_model_dir, method)
         "lora": {"rank": 4, "alpha": 32, "dropout": 0.0},
     }
     if method == "QLORA":
-        spec["quantization"] = {"computeDtype": "float32"}
+        spec["quantization"] = {"bits": bits}  # computeDtype auto: fp32 like the training
     code, message, output = train(tmp_path, tiny_model_dir, method=method, spec=spec)
     assert code == 0, message
     ids = torch.tensor([[1, 40, 41, 300, 7, 9, 500, 2]])
     kwargs = {"dtype": torch.float32}
-    if method == "QLORA":
+    if bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
+    if bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if bits:
         kwargs["device_map"] = {"": "cpu"}
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kwargs)
     plain_base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ids)
@@ -190,3 +205,73 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_model_dir, method)
     assert (expected - plain_base_logits).abs().max() > 1e-2
     config = json.loads((output / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def test_train_loss_is_the_mean_over_every_step(tmp_path, tiny_model_dir):
+    from kubetune_trainer.recipe import mean_logged_loss
+
+    # Each logged loss is the mean since the previous log.
+    history = [{"loss": 4.0, "step": 4}, {"eval_loss": 9.0, "step": 4}, {"loss": 2.0, "step": 10}]
+    assert mean_logged_loss(history) == pytest.approx((4 * 4.0 + 6 * 2.0) / 10)
+    code, every_step, output = train(tmp_path, tiny_model_dir, name="every")
+    assert code == 0
+    losses = [loss for _, loss in json.loads((output / "metrics.json").read_text())["loss_history"]]
+    assert len(losses) == 14
+    mean = sum(losses) / len(losses)
+    assert every_step["result"]["metrics"]["train_loss"] == pytest.approx(mean, rel=1e-6)
+    assert every_step["result"]["metrics"]["train_loss"] != pytest.approx(losses[-1], rel=1e-3)
+    code, sparse, _ = train(
+        tmp_path, tiny_model_dir, name="sparse", hyperparameters={"loggingSteps": 4}
+    )
+    assert code == 0
+    assert sparse["result"]["metrics"]["train_loss"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_tokens_per_second_leave_out_evaluation(tmp_path, tiny_model_dir):
+    import time
+
+    started = time.monotonic()
+    code, message, output = train(tmp_path, tiny_model_dir, hyperparameters={"evalSteps": 1})
+    wall = time.monotonic() - started
+    assert code == 0
+    metrics = message["result"]["metrics"]
+    state = json.loads(
+        (output / "checkpoints" / "checkpoint-14" / "trainer_state.json").read_text()
+    )
+    eval_seconds = sum(e["eval_runtime"] for e in state["log_history"] if "eval_runtime" in e)
+    assert len([e for e in state["log_history"] if "eval_runtime" in e]) == 14
+    assert metrics["train_runtime_seconds"] + eval_seconds < wall
+    tokens = max(e.get("num_tokens", 0) for e in state["log_history"])
+    assert metrics["train_tokens_per_second"] == pytest.approx(
+        tokens / metrics["train_runtime_seconds"], rel=1e-6
+    )
+
+
+def test_a_tampered_checkpoint_is_never_unpickled(tmp_path, tiny_model_dir):
+    """Whoever can write the output volume cannot run code in the trainer: every file
+    of a checkpoint is read as safetensors or with torch.load(weights_only=True)."""
+    settings = {"hyperparameters": {"saveSteps": 4}}
+
+    def preempt(step):
+        if step.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    code, _, output = train(tmp_path, tiny_model_dir, callbacks=[preempt], **settings)
+    assert code == EXIT_INTERRUPTED
+    proof = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(proof), "w"))
+
+    import pickle
+
+    for name in ("rng_state.pth", "optimizer.pt", "scheduler.pt"):
+        (output / "checkpoints" / "checkpoint-6" / name).write_bytes(pickle.dumps(Payload()))
+    code, message, _ = train(tmp_path, tiny_model_dir, **settings)
+    assert code != 0
+    assert (
+        "Weights only load failed" in message["error"]["message"]
+        or "UnpicklingError" in (message["error"]["message"])
+    )
+    assert not proof.exists()
