@@ -171,17 +171,19 @@ def resolve_hyperparameters(
     model: ModelShape | None = None,
     memory_bytes: int | None = None,
     model_source: str | None = None,
+    processes: int | None = None,
 ) -> ResolvedHyperparameters:
     """Every "auto" in the spec replaced by a concrete value.
 
     `model` and `memory_bytes` are what the trainer knows (the model's config, the
     device's memory); without them the shape is guessed from the model's name and the
-    memory from the GPU product (or the pod's memory request on CPUs)."""
+    memory from the GPU product (or the pod's memory request on CPUs). `processes` is
+    the world size torchrun started, when the trainer resolves."""
     hp = spec.hyperparameters
     gpus = spec.resources.gpus
     on_gpu = gpus > 0
     decisions: list[str] = []
-    world = world_size(spec)
+    world = processes or world_size(spec)
     precision = _precision(spec, on_gpu)
     if model is None:
         model = shape_from_name(spec.base_model.name)

@@ -134,6 +134,7 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if any_process(self.requested, self.processes) and state.global_step < state.max_steps:
             self.stopped = True
+            control.should_log = True  # the losses since the last log go into the checkpoint
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -51,11 +51,28 @@ def save_trained(trainer, tokenizer, folder: Path, processes) -> None:
     """The trained weights (adapter, or the whole model for FULL) from the main process.
     Under FSDP every process takes part in gathering the full state dict first."""
     accelerator = trainer.accelerator
-    state_dict = accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    state_dict = full_state_dict(trainer.model, processes) if trainer.is_fsdp_enabled else None
     if processes.is_main:
         model = accelerator.unwrap_model(trainer.model)
         save_model(model, tokenizer, folder, state_dict=state_dict)
     accelerator.wait_for_everyone()
+
+
+def full_state_dict(model, processes) -> dict | None:
+    """The whole model's weights on the main process, gathered shard by shard.
+
+    Written out rather than accelerate's get_state_dict: on CPUs its gathered tensors
+    still share storage that FSDP2 frees when it re-shards, so saving them fails. Each
+    parameter is gathered into a fresh tensor (a collective every process joins, in
+    the same order) and only the main process keeps a copy."""
+    from torch.distributed.tensor import DTensor
+
+    gathered = {}
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if processes.is_main:
+            gathered[name] = full.detach().to("cpu", copy=True)
+    return gathered if processes.is_main else None
 
 
 def dequantize(model):

@@ -9,7 +9,6 @@ model.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import random
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 MERGED_DIR = "merged"
 CHECKPOINT_DIR = "checkpoints"
-INITIAL_EVAL_FILE = "initial_eval.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -125,6 +123,7 @@ def run(
     progress = Progress([report_progress, *callbacks], processes)
     stop = StopOnSignal(processes)
     checkpoints = output / CHECKPOINT_DIR
+    resume = resumable_checkpoint(checkpoints, config.job)
     args = sft_arguments(
         hp,
         output_dir=checkpoints,
@@ -132,6 +131,7 @@ def run(
         has_eval=bool(data.eval.examples),
         collective_timeout_seconds=spec.distributed.timeout_seconds,
         fsdp=fsdp_settings(model, hp),
+        evaluate_first=resume is None,
     )
     trainer = build_trainer(
         model,
@@ -146,8 +146,6 @@ def run(
         enable_fsdp_on_cpu(trainer)
 
     # --- train ---------------------------------------------------------------
-    resume = resumable_checkpoint(checkpoints, config.job)
-    initial_eval = _initial_eval(trainer, output, processes, resumed=resume is not None)
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -155,7 +153,7 @@ def run(
         raise Interrupted(trainer.state.global_step)
 
     # --- save and evaluate ---------------------------------------------------
-    metrics = _metrics(trainer, progress, data, initial_eval)
+    metrics = _metrics(trainer, progress, data)
     model_dir = output / MODEL_DIR
     export.save_trained(trainer, tokenizer, model_dir, processes)
     if not processes.is_main:
@@ -197,21 +195,7 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _initial_eval(trainer, output: Path, processes: Processes, *, resumed: bool) -> float | None:
-    """The held-out loss before training (the baseline the fine-tune must beat), measured
-    once: a resumed run reads the first run's."""
-    if trainer.eval_dataset is None:
-        return None
-    path = output / INITIAL_EVAL_FILE
-    if resumed and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["eval_loss"]
-    loss = trainer.evaluate()["eval_loss"]
-    if processes.is_main:
-        export.write_json(path, {"eval_loss": loss})
-    return loss
-
-
-def _metrics(trainer, progress: Progress, data, initial_eval: float | None) -> dict[str, float]:
+def _metrics(trainer, progress: Progress, data) -> dict[str, float]:
     state = trainer.state
     metrics = {
         "train_loss": mean_logged_loss(state.log_history),
@@ -228,7 +212,8 @@ def _metrics(trainer, progress: Progress, data, initial_eval: float | None) -> d
         eval_loss = (
             last[1] if last and last[0] == state.global_step else trainer.evaluate()["eval_loss"]
         )
-        metrics["eval_loss_initial"] = float(initial_eval)
+        if evals and evals[0][0] == 0:  # evaluated on start, by this run or the one resumed
+            metrics["eval_loss_initial"] = float(evals[0][1])
         metrics["eval_loss"] = float(eval_loss)
         metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
     return metrics

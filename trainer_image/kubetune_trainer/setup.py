@@ -11,7 +11,6 @@ import logging
 
 import torch
 
-from kubetune.api.common import AUTO
 from kubetune.api.defaults import resolve_hyperparameters
 from kubetune.api.finetuningjob import (
     FineTuningJobSpec,
@@ -80,35 +79,27 @@ def after_loading(
     """Batch size and checkpointing again, from the real model and device memory (the
     operator only had the model's name and the GPU's product name); the world size
     torchrun actually started."""
-    processes = Processes.from_environment()
-    update: dict = {}
-    decisions = [d for d in hp.decisions if not _is_memory_decision(d)]
+    world = Processes.from_environment().world_size
     asked = spec.hyperparameters
-    if asked.batch_size == AUTO or asked.gradient_checkpointing is None:
-        memory = (
-            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        )
-        refined = resolve_hyperparameters(
-            spec.model_copy(
-                update={"hyperparameters": asked.model_copy(update={"precision": hp.precision})}
-            ),
-            model=model_shape(model),
-            memory_bytes=memory,
-            model_source="read from its config",
-        )
-        update |= {name: getattr(refined, name) for name in _MEMORY_FIELDS}
-        decisions = [*decisions, *refined.decisions]
-    else:
-        decisions = hp.decisions
-    world = processes.world_size
+    memory = (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    )
+    refined = resolve_hyperparameters(
+        spec.model_copy(
+            update={"hyperparameters": asked.model_copy(update={"precision": hp.precision})}
+        ),
+        model=model_shape(model),
+        memory_bytes=memory,
+        model_source="read from its config",
+        processes=world,
+    )
+    decisions = [d for d in hp.decisions if not _is_memory_decision(d)] + refined.decisions
     if world != hp.world_size:
         decisions.append(
             f"worldSize {world}: the processes started (the spec asks for {hp.world_size})"
         )
-    batch = update.get("batch_size", hp.batch_size)
-    accumulation = update.get("gradient_accumulation_steps", hp.gradient_accumulation_steps)
-    update |= {"world_size": world, "effective_batch_size": batch * accumulation * world}
-    return hp.model_copy(update=update | {"decisions": decisions})
+    update = {name: getattr(refined, name) for name in _MEMORY_FIELDS}
+    return hp.model_copy(update=update | {"world_size": world, "decisions": decisions})
 
 
 def _is_memory_decision(decision: str) -> bool:

@@ -37,6 +37,7 @@ def sft_arguments(
     has_eval: bool,
     collective_timeout_seconds: int,
     fsdp: dict,
+    evaluate_first: bool = False,
 ):
     from trl import SFTConfig
 
@@ -45,6 +46,9 @@ def sft_arguments(
         evaluation = {"eval_strategy": "steps", "eval_steps": hp.eval_steps}
         if hp.eval_steps is None:
             evaluation = {"eval_strategy": "epoch"}
+        # The held-out loss before training, the baseline the fine-tune must beat, from
+        # inside train(): an evaluate() before it would leave DDP's gradients unsynced.
+        evaluation["eval_on_start"] = evaluate_first
     else:
         evaluation = {"eval_strategy": "no"}
     return SFTConfig(
@@ -92,11 +96,67 @@ def sft_arguments(
     )
 
 
+def _epoch_seeded_sampler_class():
+    import math
+
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    class EpochSeededSampler(torch.utils.data.Sampler):
+        """The order of training examples as a function of (seed, epoch) only.
+
+        The stock samplers draw from the global generator (length grouping) or count
+        epochs themselves (accelerate's seeded sampler), and once a run resumes mid-epoch
+        on several processes the wrapped data loader never tells them the epoch: the
+        resumed epoch would be shuffled differently than in an uninterrupted run. Here
+        the epoch is read from the Trainer's state when iteration starts. Length groups
+        are sized by the global batch (the stock sampler uses the per-process one), so
+        1 process x 8 trains on what 2 x 4 train on."""
+
+        def __init__(self, lengths: list[int], *, group_size: int | None, seed: int, trainer):
+            self.lengths = lengths
+            self.group_size = group_size
+            self.seed = seed
+            self.trainer = trainer  # its state is replaced when training starts or resumes
+
+        def __len__(self) -> int:
+            return len(self.lengths)
+
+        def __iter__(self):
+            epoch = math.floor((self.trainer.state.epoch or 0.0) + 1e-6)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            if self.group_size:
+                yield from get_length_grouped_indices(
+                    self.lengths, self.group_size, generator=generator
+                )
+            else:
+                yield from torch.randperm(len(self.lengths), generator=generator).tolist()
+
+    return EpochSeededSampler
+
+
 def _trainer_class():
     import torch
     from trl import SFTTrainer
 
+    EpochSeededSampler = _epoch_seeded_sampler_class()
+
     class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            args = self.args
+            grouped = args.train_sampling_strategy == "group_by_length"
+            return EpochSeededSampler(
+                [len(ids) for ids in dataset["input_ids"]],
+                group_size=args.train_batch_size
+                * args.gradient_accumulation_steps
+                * args.world_size
+                if grouped
+                else None,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                trainer=self,
+            )
+
         def evaluate(self, *args, **kwargs):
             # Evaluation draws from the global RNG (its data loader's seed). Keeping that
             # draw out of the training stream makes a run resumed from any checkpoint

@@ -200,7 +200,9 @@ def test_merged_model_equals_base_plus_adapter(tmp_path, tiny_model_dir, method,
     adapted = PeftModel.from_pretrained(base, output / "model").eval()
     merged = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float32).eval()
     expected, got = _logits(adapted, ids), _logits(merged, ids)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # The 4-bit kernel dequantises and multiplies in another order than a plain matmul.
+    tolerance = 5e-4 if bits else 1e-4
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=1e-4)
     # The adapter changed the model, so the comparison above is not trivially true.
     assert (expected - plain_base_logits).abs().max() > 1e-2
     config = json.loads((output / "merged" / "config.json").read_text())
@@ -239,7 +241,7 @@ def test_tokens_per_second_leave_out_evaluation(tmp_path, tiny_model_dir):
         (output / "checkpoints" / "checkpoint-14" / "trainer_state.json").read_text()
     )
     eval_seconds = sum(e["eval_runtime"] for e in state["log_history"] if "eval_runtime" in e)
-    assert len([e for e in state["log_history"] if "eval_runtime" in e]) == 14
+    assert len([e for e in state["log_history"] if "eval_runtime" in e]) == 15  # and on start
     assert metrics["train_runtime_seconds"] + eval_seconds < wall
     tokens = max(e.get("num_tokens", 0) for e in state["log_history"])
     assert metrics["train_tokens_per_second"] == pytest.approx(
