@@ -104,6 +104,7 @@ def _workload(spec: FineTuningJobSpec, precision: Precision, shards: int) -> Wor
         shards=shards,
         quantization_bits=quantization.bits if quantization else 4,
         lora_rank=spec.lora.rank if spec.lora else 8,
+        on_gpu=spec.resources.gpus > 0,
     )
 
 

@@ -867,6 +867,11 @@ class FineTuningJobStatus(ApiModel):
         default=0, description="Trainer failures so far (not counting preemptions)."
     )
     preemptions: int = Field(default=0, description="Times the trainer was preempted or evicted.")
+    restarts: int = Field(
+        default=0,
+        description="Times all pods of a multi-pod job were started again together after one "
+        "of them failed or was disrupted.",
+    )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Final metrics from the trainer."
     )

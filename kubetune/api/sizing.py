@@ -20,7 +20,8 @@ Per device, in bytes, for `t` tokens in a micro-batch:
   layer's 16-bit input stays, plus one layer's activations while recomputing;
 * logits: TRL's fused LM head never builds the full logits; its tiles hold at
   most 4096 tokens x vocabulary in fp32, counted twice (forward and backward);
-* a fixed 1.5 GiB for the CUDA context, allocator fragmentation and buffers.
+* a fixed 1.5 GiB on GPUs for the CUDA context, allocator fragmentation and
+  buffers; 0.5 GiB on CPUs for the interpreter and its libraries.
 
 The batch is the largest power of two whose estimate stays under 85% of the
 device's memory.
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 
 GIB = 1024**3
 USABLE_FRACTION = 0.85
-FIXED_OVERHEAD_BYTES = int(1.5 * GIB)
+GPU_OVERHEAD_BYTES = int(1.5 * GIB)
+CPU_OVERHEAD_BYTES = int(0.5 * GIB)
 LOGIT_TILE_TOKENS = 4096
 ADAM_BYTES_PER_TRAINABLE = 12  # fp32 gradient + exp_avg + exp_avg_sq
 ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN_16BIT = 34
@@ -93,6 +95,7 @@ class Workload:
     shards: int = 1  # FSDP world size; 1 for a single process or DDP
     quantization_bits: int = 4
     lora_rank: int = 8
+    on_gpu: bool = True
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
-    overhead: int = FIXED_OVERHEAD_BYTES
+    overhead: int = GPU_OVERHEAD_BYTES
 
     @property
     def total(self) -> int:
@@ -150,6 +153,7 @@ def estimate_memory(model: ModelShape, work: Workload) -> MemoryEstimate:
         optimizer=optimizer // shards,
         activations=activations,
         logits=logits,
+        overhead=GPU_OVERHEAD_BYTES if work.on_gpu else CPU_OVERHEAD_BYTES,
     )
 
 
@@ -194,6 +198,7 @@ def fit_batch(
                     shards=work.shards,
                     quantization_bits=work.quantization_bits,
                     lora_rank=work.lora_rank,
+                    on_gpu=work.on_gpu,
                 ),
             )
             last = Fit(batch, checkpointing, estimate, estimate.total <= budget)

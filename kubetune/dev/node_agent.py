@@ -355,8 +355,43 @@ class NodeAgent:
                     self.core.read_namespaced_config_map(ref.name, namespace).data or {}
                 )[ref.key]
             elif var.value_from and var.value_from.field_ref:
-                env[var.name] = fields.get(var.value_from.field_ref.field_path, "")
+                env[var.name] = self._field(pod, var.value_from.field_ref.field_path, fields)
         return env
+
+    @staticmethod
+    def _field(pod: client.V1Pod, path: str, fields: dict[str, str]) -> str:
+        """A downward-API field: the plain ones, and metadata.annotations['key'] and
+        metadata.labels['key'] (how an Indexed Job gives JOB_COMPLETION_INDEX)."""
+        match = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
+        if match:
+            source = (
+                pod.metadata.annotations if match.group(1) == "annotations" else pod.metadata.labels
+            )
+            return (source or {}).get(match.group(2), "")
+        return fields.get(path, "")
+
+    @staticmethod
+    def _expand(value: str, env: dict[str, str]) -> str:
+        """$(VAR) references in a command or args, as a kubelet expands them ($$ escapes)."""
+        return re.sub(
+            r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+            lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+            value,
+        )
+
+    @staticmethod
+    def _resolve_peers(value: str, pod: client.V1Pod) -> str:
+        """Names of pods under this pod's headless Service (<hostname>.<subdomain>...) are
+        pods of this node, all at 127.0.0.1: what cluster DNS would answer with pod IPs."""
+        subdomain = pod.spec.subdomain
+        if not subdomain:
+            return value
+        namespace = re.escape(pod.metadata.namespace)
+        pattern = (
+            rf"\b[a-z0-9]([-a-z0-9]*[a-z0-9])?\.{re.escape(subdomain)}"
+            rf"(\.{namespace}(\.svc(\.cluster\.local)?)?)?(?![\w.-])"
+        )
+        return re.sub(pattern, "127.0.0.1", value)
 
     def start(self, pod: client.V1Pod) -> None:
         container = pod.spec.containers[0]
@@ -387,7 +422,11 @@ class NodeAgent:
         env[TERMINATION_ENV] = str(termination_path)
         if token_dir is not None:
             env["KUBECONFIG"] = str(self._pod_kubeconfig(pod, directory, token_dir))
-        argv = [remap(part, mounts) for part in (container.command or []) + (container.args or [])]
+        argv = [
+            self._resolve_peers(self._expand(remap(part, mounts), env), pod)
+            for part in (container.command or []) + (container.args or [])
+        ]
+        env = {name: self._resolve_peers(value, pod) for name, value in env.items()}
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
         log_path = directory / f"{container.name}.log"

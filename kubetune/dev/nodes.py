@@ -43,11 +43,14 @@ class NodeSpec:
             raise ValueError(f"{self.name}: a GPU node needs gpu_product")
 
 
+A100_NODES = 4  # enough for a 4-node x 8-GPU job
+
+
 def default_fleet() -> list[NodeSpec]:
-    """Two kinds of GPU node and one CPU-only node."""
-    return [
+    """Two kinds of GPU node (four 8-GPU A100 nodes for multi-node jobs) and one CPU node."""
+    a100 = [
         NodeSpec(
-            name="gpu-a100-0",
+            name=f"gpu-a100-{index}",
             pool="gpu-a100",
             cpu="96",
             memory="1152Gi",
@@ -55,7 +58,11 @@ def default_fleet() -> list[NodeSpec]:
             gpu_product="NVIDIA-A100-SXM4-80GB",
             gpu_memory_mib=81920,
             instance_type="a2-ultragpu-8g",
-        ),
+        )
+        for index in range(A100_NODES)
+    ]
+    return [
+        *a100,
         NodeSpec(
             name="gpu-l4-0",
             pool="gpu-l4",

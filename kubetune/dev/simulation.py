@@ -5,10 +5,15 @@ object and write its next status. The stages here keep nodes Ready and move
 pods through their lifecycle, steered per pod by annotations so that a test
 can pick the outcome a real kubelet would report:
 
-    sim.kubetune.dev/outcome    succeed (default) | fail | oom | run | image-pull
+    sim.kubetune.dev/outcome    succeed (default) | fail | oom | run | image-pull | fail-rank
     sim.kubetune.dev/duration   how long the container runs first (Go duration, default 1s)
     sim.kubetune.dev/exit-code  exit code for `fail` (default 1)
     sim.kubetune.dev/message    the container's termination message
+    sim.kubetune.dev/fail-index    for `fail-rank`: the completion index of an Indexed
+                                   Job's pod that fails (exit 1); the others succeed
+    sim.kubetune.dev/fail-restart  for `fail-rank`: only in this restart of a multi-pod
+                                   job (kubetune.dev/restart, default 0)
+    sim.kubetune.dev/fail-message  for `fail-rank`: the failing pod's termination message
 
 Only pods that can end (restartPolicy Never or OnFailure) end; `run` and
 restartPolicy Always keep a pod running until it is deleted; `image-pull`
@@ -24,8 +29,13 @@ OUTCOME = ANNOTATION_PREFIX + "outcome"
 DURATION = ANNOTATION_PREFIX + "duration"
 EXIT_CODE = ANNOTATION_PREFIX + "exit-code"
 MESSAGE = ANNOTATION_PREFIX + "message"
+FAIL_INDEX = ANNOTATION_PREFIX + "fail-index"
+FAIL_RESTART = ANNOTATION_PREFIX + "fail-restart"
+FAIL_MESSAGE = ANNOTATION_PREFIX + "fail-message"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+RESTART = "kubetune.dev/restart"
 
-OUTCOMES = ("succeed", "fail", "oom", "run", "image-pull")
+OUTCOMES = ("succeed", "fail", "oom", "run", "image-pull", "fail-rank")
 
 STAGE_API_VERSION = "kwok.x-k8s.io/v1alpha1"
 
@@ -40,8 +50,13 @@ def pod_annotations(
     duration: str | None = None,
     exit_code: int | None = None,
     message: str | None = None,
+    fail_index: int | None = None,
+    fail_restart: int = 0,
+    fail_message: str | None = None,
 ) -> dict[str, str]:
     """Annotations that steer a pod on a simulated node (put them on a pod template)."""
+    if (outcome == "fail-rank") != (fail_index is not None):
+        raise ValueError("fail_index goes with outcome 'fail-rank', and only with it")
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
     if exit_code is not None and outcome != "fail":
@@ -55,6 +70,11 @@ def pod_annotations(
         annotations[EXIT_CODE] = str(exit_code)
     if message is not None:
         annotations[MESSAGE] = message
+    if fail_index is not None:
+        annotations[FAIL_INDEX] = str(fail_index)
+        annotations[FAIL_RESTART] = str(fail_restart)
+        if fail_message is not None:
+            annotations[FAIL_MESSAGE] = fail_message
     return annotations
 
 
@@ -271,7 +291,9 @@ containerStatuses:
 """
 
 
-def _pod_terminated(phase: str, exit_code: str, reason: str, *, conditions: bool = True) -> str:
+def _pod_terminated(
+    phase: str, exit_code: str, reason: str, *, conditions: bool = True, message: str = MESSAGE
+) -> str:
     """Status template for a pod whose containers all ended.
 
     The first container carries the outcome (exit code, reason, termination
@@ -285,7 +307,7 @@ def _pod_terminated(phase: str, exit_code: str, reason: str, *, conditions: bool
 {{{{ $now := Now }}}}
 {{{{ $pod := . }}}}
 {{{{ $annotations := or .metadata.annotations dict }}}}
-{{{{ $message := index $annotations "{MESSAGE}" }}}}
+{{{{ $message := index $annotations "{message}" }}}}
 {{{{ $exitCode := {exit_code} }}}}
 phase: {phase}
 {pod_conditions}containerStatuses:
@@ -312,6 +334,26 @@ phase: {phase}
       finishedAt: {{{{ $now | Quote }}}}
 {{{{ end }}}}
 """
+
+
+def _pod_rank_outcome() -> str:
+    """One pod of an Indexed Job fails (the one at fail-index, in restart fail-restart);
+    the others end as if their training had finished."""
+    failing = (
+        "{{ $annotations := or .metadata.annotations dict }}\n"
+        f'{{{{ $index := index $annotations "{COMPLETION_INDEX}" | default "" }}}}\n'
+        f'{{{{ $restart := index $annotations "{RESTART}" | default "0" }}}}\n'
+        f'{{{{ $failIndex := index $annotations "{FAIL_INDEX}" | default "" }}}}\n'
+        f'{{{{ $failRestart := index $annotations "{FAIL_RESTART}" | default "0" }}}}\n'
+        "{{ if and (eq $index $failIndex) (eq $restart $failRestart) }}\n"
+    )
+    return (
+        failing
+        + _pod_terminated("Failed", "1", "Error", message=FAIL_MESSAGE)
+        + "{{ else }}\n"
+        + _pod_terminated("Succeeded", "0", "Completed")
+        + "{{ end }}\n"
+    )
 
 
 def pod_stages() -> list[dict[str, Any]]:
@@ -387,6 +429,22 @@ def pod_stages() -> list[dict[str, Any]]:
         ending("pod-succeed", ["succeed"], "Succeeded", "0", "Completed"),
         ending("pod-fail", ["fail"], "Failed", exit_code_from_annotation, "Error"),
         ending("pod-oom", ["oom"], "Failed", "137", "OOMKilled"),
+        _stage(
+            "pod-fail-rank",
+            "Pod",
+            {
+                "selector": {
+                    "matchExpressions": [
+                        alive,
+                        running,
+                        can_end,
+                        {"key": _annotation(OUTCOME), "operator": "In", "values": ["fail-rank"]},
+                    ]
+                },
+                "delay": run_for,
+                "next": {"statusTemplate": _pod_rank_outcome()},
+            },
+        ),
         # A kubelet stops a deleted pod's containers (SIGTERM: exit 143) and
         # reports it Failed, so that controllers holding finalizers on it (the
         # Job controller) count it and let go; then the pod is removed.

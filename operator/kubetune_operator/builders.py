@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from kubetune.api.common import VolumeLocation
-from kubetune.api.defaults import resolve_hyperparameters
+from kubetune.api.defaults import processes_per_node, resolve_hyperparameters, world_size
 from kubetune.api.finetuningjob import FILE_FORMATS, FineTuningJobSpec
 from kubetune.api.trainer import (
     NON_RETRYABLE_EXIT_CODES,
@@ -33,6 +33,7 @@ CACHE_DIR = "/cache"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 TRAINER_UID = 10001  # the trainer image's user
+RENDEZVOUS_PORT = 29500  # torchrun's default master port, served by the pod of index 0
 
 Obj = dict[str, Any]
 
@@ -154,13 +155,24 @@ def desired_trainer_rbac(body: Obj) -> list[Obj]:
     ]
 
 
-def _env(spec: FineTuningJobSpec) -> list[Obj]:
+def _cpu_threads(quantity: str, processes: int) -> int:
+    """Whole CPUs of the request per training process (at least one)."""
+    cores = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return max(1, int(cores // processes))
+
+
+def _env(spec: FineTuningJobSpec, mode: TrainerMode = TrainerMode.TRAIN) -> list[Obj]:
     env: list[Obj] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "KUBETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    processes = processes_per_node(spec)
+    if mode == TrainerMode.TRAIN and spec.resources.gpus == 0 and processes > 1:
+        # torchrun would give each process one thread: share the pod's CPUs instead.
+        threads = _cpu_threads(spec.resources.cpu, processes)
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     # Secrets by reference only: the value never appears in any object we write.
     if spec.base_model.token_secret_ref:
         ref = spec.base_model.token_secret_ref
@@ -243,6 +255,73 @@ def _pod_failure_policy() -> Obj:
     }
 
 
+def multi_pod(spec: FineTuningJobSpec) -> bool:
+    return spec.resources.nodes > 1
+
+
+def trainer_command(spec: FineTuningJobSpec, mode: TrainerMode, owner: str) -> list[str]:
+    """The container command: the trainer itself, or torchrun starting one trainer per GPU
+    (per CPU process) on each pod. Pods find each other at the pod of completion index 0
+    through the rendezvous Service; torchrun's node rank is the pod's completion index."""
+    trainer = ["-m", "kubetune_trainer", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    trainer += ["--mode", mode.value]
+    processes = processes_per_node(spec)
+    if mode != TrainerMode.TRAIN or world_size(spec) == 1:
+        return ["python", *trainer]
+    launcher = ["python", "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if not multi_pod(spec):
+        return [*launcher, "--standalone", *trainer]
+    master = f"{naming.train_job_name(owner)}-0.{naming.rendezvous_service_name(owner)}"
+    return [
+        *launcher,
+        f"--nnodes={spec.resources.nodes}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={master}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        *trainer,
+    ]
+
+
+def desired_rendezvous_service(body: Obj) -> Obj:
+    """Headless, so each pod of the Indexed Job gets `<job>-<index>.<service>` in DNS;
+    published before the pods are ready, since they meet before any of them is."""
+    owner = body["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(body, naming.rendezvous_service_name(owner), naming.COMPONENT_TRAINER),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": naming.train_job_name(owner)},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _spread(owner: str, uid: str) -> Obj:
+    """Prefer one pod per node: a multi-pod job trains across nodes, but a single node
+    that can hold them all (a development machine) still runs it."""
+    return {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "topologyKey": "kubernetes.io/hostname",
+                        "labelSelector": {
+                            "matchLabels": {
+                                naming.LABEL_JOB_UID: uid,
+                                naming.LABEL_COMPONENT: naming.COMPONENT_TRAINER,
+                            }
+                        },
+                    },
+                }
+            ]
+        }
+    }
+
+
 def desired_job(
     body: Obj,
     spec: FineTuningJobSpec,
@@ -250,6 +329,7 @@ def desired_job(
     mode: TrainerMode,
     *,
     suspend: bool,
+    restart: int = 0,
 ) -> Obj:
     """The batch/v1 Job that validates the dataset (CPU only) or trains (with GPUs)."""
     meta = body["metadata"]
@@ -291,9 +371,8 @@ def desired_job(
                 "name": CONTAINER,
                 "image": image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": ["python", "-m", "kubetune_trainer"],
-                "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--mode", mode.value],
-                "env": _env(spec),
+                "command": trainer_command(spec, mode, owner),
+                "env": _env(spec, mode),
                 "resources": {"requests": requests, "limits": limits},
                 "volumeMounts": mounts,
                 "securityContext": container_security,
@@ -308,8 +387,13 @@ def desired_job(
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    distributed = training and multi_pod(spec)
     if training and resources.affinity:
         pod_spec["affinity"] = resources.affinity
+    elif distributed:
+        pod_spec["affinity"] = _spread(owner, meta["uid"])
+    if distributed:
+        pod_spec["subdomain"] = naming.rendezvous_service_name(owner)
     if resources.priority_class_name:
         pod_spec["priorityClassName"] = resources.priority_class_name
 
@@ -318,27 +402,32 @@ def desired_job(
     if queue and training:
         job_labels[naming.KUEUE_QUEUE_LABEL] = queue
 
+    pod_annotations = {**spec.pod_metadata.annotations, naming.ANNOTATION_OWNER: owner}
+    job_annotations = {naming.ANNOTATION_SPEC_HASH: spec_hash(spec)}
+    if distributed:
+        pod_annotations[naming.ANNOTATION_RESTART] = str(restart)
+        job_annotations[naming.ANNOTATION_RESTART] = str(restart)
     job_spec: Obj = {
         "suspend": suspend,
-        "backoffLimit": spec.max_retries if training else 0,
+        # Several pods fail or succeed together: the first failure ends the attempt, and
+        # the operator restarts all of them (see status.py). One pod retries in place.
+        "backoffLimit": 0 if distributed or not training else spec.max_retries,
         "podFailurePolicy": _pod_failure_policy(),
         "ttlSecondsAfterFinished": settings.finished_job_ttl_seconds,
         "template": {
-            "metadata": {
-                "labels": pod_labels,
-                "annotations": {**spec.pod_metadata.annotations, naming.ANNOTATION_OWNER: owner},
-            },
+            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
             "spec": pod_spec,
         },
     }
+    if distributed:
+        nodes = spec.resources.nodes
+        job_spec |= {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
     if training and spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(
-            body, name, component, annotations={naming.ANNOTATION_SPEC_HASH: spec_hash(spec)}
-        )
+        "metadata": _meta(body, name, component, annotations=job_annotations)
         | {"labels": job_labels},
         "spec": job_spec,
     }

@@ -27,6 +27,7 @@ POD_PENDING = "PodPending"
 UNSCHEDULABLE = "Unschedulable"
 IMAGE_PULL_BACKOFF = "ImagePullBackOff"
 PREEMPTED = "Preempted"
+RESTARTING = "Restarting"  # a multi-pod attempt ended early: all pods start again
 NOT_STARTED = "NotStarted"
 STOPPED = "Stopped"
 TRAINING_COMPLETE = "TrainingComplete"
@@ -34,7 +35,7 @@ MODEL_REGISTERED = "ModelRegistered"
 REGISTRATION_DISABLED = "RegistrationDisabled"
 CANCELLED_BY_USER = "CancelledByUser"
 
-WARNING_REASONS = {IMAGE_PULL_BACKOFF, UNSCHEDULABLE, PREEMPTED}
+WARNING_REASONS = {IMAGE_PULL_BACKOFF, UNSCHEDULABLE, PREEMPTED, RESTARTING}
 
 
 class Conditions:

@@ -15,6 +15,8 @@ _BY_EXIT_CODE = {
     EXIT_INPUT_NOT_FOUND: FailureReason.INPUT_NOT_FOUND,
 }
 _OOM_EXIT_CODE = 137
+# Failures worth another attempt: running again may succeed (bad input cannot).
+RETRYABLE = (FailureReason.TRAINER_ERROR, FailureReason.OOM_KILLED, FailureReason.PREEMPTED)
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 
 
@@ -55,6 +57,15 @@ def classify_pod_failure(pod: Obj) -> Failure:
         message=message or f"the trainer exited with code {exit_code}",
         exit_code=exit_code,
     )
+
+
+def attempt_failure(pods: list[Obj]) -> Failure | None:
+    """Why one attempt of a multi-pod job ended: its first failed, undisrupted pod."""
+    failed = _failed_pods(pods)
+    if not failed:
+        return None
+    first = min(failed, key=lambda p: (obs.terminated(p) or {}).get("finishedAt") or "")
+    return classify_pod_failure(first)
 
 
 def classify_job_failure(job: Obj, pods: list[Obj]) -> Failure | None:

@@ -17,6 +17,10 @@ LABEL_JOB_NAME = "kubetune.dev/job-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 ANNOTATION_SPEC_HASH = "kubetune.dev/spec-hash"
+# On multi-pod training Jobs and their pods: how many times all pods were restarted.
+ANNOTATION_RESTART = "kubetune.dev/restart"
+# Set by the Job controller on the pods of an Indexed Job.
+ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # On trainer pods: the FineTuningJob they work for (labels cap names at 63 characters).
 ANNOTATION_OWNER = "kubetune.dev/finetuningjob"
 
@@ -41,6 +45,13 @@ def child_name(owner: str, suffix: str) -> str:
 
 def train_job_name(owner: str) -> str:
     return child_name(owner, "train")
+
+
+def rendezvous_service_name(owner: str) -> str:
+    """The headless Service giving a multi-pod job's pods stable DNS names. Service names
+    must start with a letter; FineTuningJob names may not."""
+    name = child_name(owner, "workers")
+    return name if name[0].isalpha() else child_name(f"t{owner}"[:_MAX_NAME], "workers")
 
 
 def validate_job_name(owner: str) -> str:

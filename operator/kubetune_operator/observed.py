@@ -21,6 +21,7 @@ from kubetune.api.trainer import (
     TrainerTermination,
     ValidationReport,
 )
+from kubetune_operator import naming
 
 Obj = dict[str, Any]
 Report = TypeVar("Report", ProgressReport, ValidationReport, ResultReport)
@@ -40,6 +41,24 @@ class Observed:
     report_config_map: Obj | None = None
     service_account: Obj | None = None
     registered_model: Obj | None = None
+
+
+def restart_of(obj: Obj) -> int:
+    """Which restart of a multi-pod job a Job or pod belongs to (0: the first attempt)."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    value = annotations.get(naming.ANNOTATION_RESTART, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def attempt_pods(job: Obj, pods: list[Obj]) -> list[Obj]:
+    """The pods of the Job's attempt: those of an earlier one may still be terminating."""
+    uid = job["metadata"].get("uid")
+    return [
+        p
+        for p in pods
+        if not uid
+        or any(ref.get("uid") == uid for ref in p["metadata"].get("ownerReferences") or [])
+    ]
 
 
 def job_condition(job: Obj | None, type_: str) -> Obj | None:

@@ -22,6 +22,7 @@ class Plan:
     replace_config: Obj | None = None
     set_train_suspend: bool | None = None
     delete_train_job: bool = False
+    wait_for_pods: bool = False  # delete the Job in the foreground: pods first
     register: Obj | None = None
 
     def empty(self) -> bool:
@@ -88,10 +89,26 @@ def plan(
 
     queued = naming.KUEUE_QUEUE_LABEL in (body["metadata"].get("labels") or {})
     if train is None:
+        if builders.multi_pod(spec):
+            result.create.append(builders.desired_rendezvous_service(body))
         job = builders.desired_job(
-            body, spec, settings, TrainerMode.TRAIN, suspend=spec.suspend or queued
+            body,
+            spec,
+            settings,
+            TrainerMode.TRAIN,
+            suspend=spec.suspend or queued,
+            restart=status.restarts,
         )
         result.create.append(job)
+        return result
+
+    if train["metadata"].get("deletionTimestamp"):
+        return result  # an attempt being replaced: its pods go first
+    if builders.multi_pod(spec) and obs.restart_of(train) < status.restarts:
+        # The attempt ended early (see status._restart_all): all its pods go, and the
+        # next attempt starts them together once they are gone.
+        result.delete_train_job = True
+        result.wait_for_pods = True
         return result
 
     started = bool((train.get("status") or {}).get("startTime")) or bool(observed.train_pods)

@@ -177,6 +177,10 @@ def _create(clients: Clients, obj: Obj) -> Obj:
             clients.rbac.read_namespaced_role_binding,
         ),
         "Job": (clients.batch.create_namespaced_job, clients.batch.read_namespaced_job),
+        "Service": (
+            clients.core.create_namespaced_service,
+            clients.core.read_namespaced_service,
+        ),
     }[kind]
     try:
         return clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
@@ -217,15 +221,17 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
             )
         )
     if changes.delete_train_job:
+        propagation = "Foreground" if changes.wait_for_pods else "Background"
         try:
             clients.batch.delete_namespaced_job(
-                naming.train_job_name(name), namespace, propagation_policy="Background"
+                naming.train_job_name(name), namespace, propagation_policy=propagation
             )
         except ApiException as err:
             if err.status != 404:
                 raise
-        updates["train_job"] = None
-        updates["train_pods"] = []
+        if not changes.wait_for_pods:  # in the foreground, the Job stays until its pods go
+            updates["train_job"] = None
+            updates["train_pods"] = []
     if changes.register is not None:
         updates["registered_model"] = _create(clients, changes.register)
     return replace(observed, **updates)

@@ -19,9 +19,10 @@ from kubetune.api.finetuningjob import (
     FineTuningJobStatus,
     Phase,
     Progress,
+    ResolvedHyperparameters,
 )
+from kubetune_operator import builders, failures
 from kubetune_operator import conditions as c
-from kubetune_operator import failures
 from kubetune_operator import observed as obs
 from kubetune_operator.observed import Observed
 from kubetune_operator.settings import OperatorSettings
@@ -92,7 +93,7 @@ def _phase(conds: c.Conditions, spec: FineTuningJobSpec, observed: Observed) -> 
         return Phase.RUNNING
     if conds.is_true(c.SUSPENDED):
         return Phase.QUEUED if conds.reason(c.SUSPENDED) == c.WAITING_FOR_QUEUE else Phase.SUSPENDED
-    if conds.is_true(c.RUNNING):
+    if conds.is_true(c.RUNNING) or conds.reason(c.RUNNING) == c.RESTARTING:
         return Phase.RUNNING
     validated = conds.get(c.DATASET_VALIDATED)
     if validated is not None and validated.status == "Unknown":
@@ -100,6 +101,18 @@ def _phase(conds: c.Conditions, spec: FineTuningJobSpec, observed: Observed) -> 
     if observed.train_job is not None:
         return Phase.QUEUED
     return Phase.PENDING
+
+
+def _hyperparameters(spec: FineTuningJobSpec, observed: Observed) -> ResolvedHyperparameters:
+    """What the trainer reported it trains with (it resolves auto again on its hardware
+    and model), else what the operator resolved from the spec."""
+    result = obs.result_report(observed) if observed.train_job is not None else None
+    if result is not None and result.hyperparameters is not None:
+        return result.hyperparameters
+    progress = obs.progress_report(observed.report)
+    if progress is not None and progress.hyperparameters is not None:
+        return progress.hyperparameters
+    return resolve_hyperparameters(spec)
 
 
 def _artifact(spec: FineTuningJobSpec, path: str, kind: str, digest: str) -> ArtifactStatus:
@@ -127,7 +140,8 @@ def derive_status(
     status.observed_generation = generation
     status.trainer_image = spec.image or settings.trainer_image
     if status.hyperparameters is None or not is_terminal(previous):
-        status.hyperparameters = resolve_hyperparameters(spec)
+        status.hyperparameters = _hyperparameters(spec, observed)
+        status.world_size = status.hyperparameters.world_size
     if observed.train_job is not None:
         status.job_name = observed.train_job["metadata"]["name"]
 
@@ -212,13 +226,17 @@ def _training(
 ) -> Failure | None:
     job = observed.train_job
     pods = observed.train_pods
-    status.preemptions = max(status.preemptions, sum(1 for p in pods if obs.was_disrupted(p)))
-    failed_pods = [
-        p
-        for p in pods
-        if (p.get("status") or {}).get("phase") == "Failed" and not obs.was_disrupted(p)
-    ]
-    status.retries = max(status.retries, len(failed_pods))
+    distributed = builders.multi_pod(spec)
+    if distributed and job is not None:
+        pods = obs.attempt_pods(job, pods)
+    else:
+        status.preemptions = max(status.preemptions, sum(1 for p in pods if obs.was_disrupted(p)))
+        failed_pods = [
+            p
+            for p in pods
+            if (p.get("status") or {}).get("phase") == "Failed" and not obs.was_disrupted(p)
+        ]
+        status.retries = max(status.retries, len(failed_pods))
 
     if job is None:
         if not conds.is_true(c.DATASET_VALIDATED):
@@ -251,6 +269,8 @@ def _training(
         return None
 
     failure = failures.classify_job_failure(job, pods)
+    if failure is not None and distributed and failure.reason in failures.RETRYABLE:
+        return _restart_all(status, conds, spec, job, pods, failure)
     if failure is not None:
         return failure
 
@@ -302,6 +322,39 @@ def _training(
         )
     else:
         conds.set(c.RUNNING, False, c.POD_PENDING, "waiting for the trainer pod to start")
+    return None
+
+
+def _restart_all(
+    status: FineTuningJobStatus,
+    conds: c.Conditions,
+    spec: FineTuningJobSpec,
+    job: dict,
+    pods: list[dict],
+    failure: Failure,
+) -> Failure | None:
+    """A multi-pod attempt ended when one of its pods did: count it once (a retry, or a
+    preemption when a pod was disrupted) and start all pods again, from the latest
+    checkpoint, unless the retries are spent. The plan replaces the Job."""
+    attempt = obs.restart_of(job)
+    failure = failures.attempt_failure(pods) or failure
+    if attempt == status.restarts:  # not counted yet: this runs again, late, or twice
+        if any(obs.was_disrupted(p) for p in pods):
+            status.preemptions += 1
+        else:
+            status.retries += 1
+        if status.retries > spec.max_retries:
+            failure.message = f"failed {status.retries} time(s), last error: {failure.message}"
+            return failure
+        status.restarts += 1
+    nodes = spec.resources.nodes
+    conds.set(
+        c.RUNNING,
+        False,
+        c.RESTARTING,
+        f"attempt {attempt + 1} ended ({failure.reason.value}: {failure.message[:300]}); "
+        f"restarting all {nodes} pods from the latest checkpoint",
+    )
     return None
 
 

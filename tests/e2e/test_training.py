@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -109,7 +110,11 @@ def test_each_method_trains_registers_and_generates(
     assert model["spec"]["artifact"]["digest"].startswith("sha256:")
     assert model["spec"]["metrics"]["eval_loss"] > 0
 
-    # The artifact loads and generates, in a fresh process like a user's.
+    assert_generates(artifact, model["spec"]["artifact"]["kind"])
+
+
+def assert_generates(artifact: Path, kind: str) -> None:
+    """The artifact loads and generates, in a fresh process like a user's."""
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -125,18 +130,47 @@ def test_each_method_trains_registers_and_generates(
         "print(len(out[0]) - ids['input_ids'].shape[1])\n"
     )
     generated = subprocess.run(
-        [
-            __import__("sys").executable,
-            "-c",
-            script,
-            str(artifact),
-            model["spec"]["artifact"]["kind"],
-        ],
+        [sys.executable, "-c", script, str(artifact), kind],
         capture_output=True,
         text=True,
         check=True,
     )
     assert int(generated.stdout.strip().splitlines()[-1]) > 0
+
+
+def test_two_pods_of_two_processes_train_one_model(
+    e2e_cluster: LocalCluster, kube: Kube, ns: str, data_root: Path
+) -> None:
+    """torchrun on each of two pods (an Indexed Job; the pods meet at pod 0 through the
+    headless Service), two CPU processes each: one model, registered once."""
+    body = manifest(
+        "pair",
+        "LORA",
+        distributed={"processesPerNode": 2},
+        resources={"gpus": 0, "nodes": 2, "cpu": "1", "memory": "2Gi"},
+    )
+    body["spec"]["hyperparameters"]["batchSize"] = 2
+    kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    done = ft.wait_status(
+        kube,
+        ns,
+        "pair",
+        lambda s: s.get("phase") in ("Succeeded", "Failed"),
+        describe="finished",
+        timeout=TIMEOUT,
+    )["status"]
+    assert done["phase"] == "Succeeded", done.get("failure")
+    assert done["worldSize"] == 4
+    used = done["hyperparameters"]
+    assert (used["worldSize"], used["distributedStrategy"]) == (4, "ddp")
+    assert used["effectiveBatchSize"] == 2 * 1 * 4
+    job = kube.batch.read_namespaced_job("pair-train", ns)
+    assert job.spec.completion_mode == "Indexed" and job.status.succeeded == 2
+    models = kube.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "registeredmodels")
+    [model] = models["items"]
+    assert model["spec"]["hyperparameters"]["worldSize"] == 4
+    artifact = data_root / "models" / model["spec"]["artifact"]["volume"]["path"]
+    assert_generates(artifact, model["spec"]["artifact"]["kind"])
 
 
 def test_invalid_dataset_fails_fast_with_the_row(

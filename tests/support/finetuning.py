@@ -77,16 +77,21 @@ def manifest(
     exit_code: int | None = None,
     message: str | None = None,
     labels: dict[str, str] | None = None,
+    fail_index: int | None = None,
+    fail_message: str | None = None,
     **spec: Any,
 ) -> dict[str, Any]:
     """A FineTuningJob whose pods the simulated nodes run to the given outcome."""
     body_spec = copy.deepcopy(BASE_SPEC)
     body_spec.update(spec)
+    succeeds = outcome in ("succeed", "fail-rank")
     annotations = simulation.pod_annotations(
         outcome,
         duration=duration,
         exit_code=exit_code,
-        message=success_message() if message is None and outcome == "succeed" else message,
+        message=success_message() if message is None and succeeds else message,
+        fail_index=fail_index,
+        fail_message=fail_message,
     )
     pod_metadata = body_spec.setdefault("podMetadata", {})
     pod_metadata.setdefault("annotations", {}).update(annotations)

@@ -48,6 +48,7 @@ OPERATOR_RULES = [
         "resources": ["configmaps"],
         "verbs": ["get", "list", "watch", "create", "patch", "update"],
     },
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create"]},
     {
         "apiGroups": ["rbac.authorization.k8s.io"],

@@ -90,6 +90,10 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update"]
+# The headless Service that gives the pods of a multi-node job stable names.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 # The per-job trainer identity: ServiceAccount, Role and RoleBinding.
 - apiGroups: [""]
   resources: ["serviceaccounts"]

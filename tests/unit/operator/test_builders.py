@@ -47,7 +47,7 @@ def test_validation_job_is_cpu_only_and_never_retried() -> None:
     assert "nodeSelector" not in pod
     assert "tolerations" not in pod
     assert job["spec"]["backoffLimit"] == 0
-    assert container(job)["args"][-1] == "validate"
+    assert container(job)["command"][-1] == "validate"
     assert job["metadata"]["name"] == "run-1-validate"
 
 
