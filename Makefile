@@ -47,9 +47,10 @@ operator: env ## Run the operator against the local cluster
 	@$(PY) -m kubetune operator --kubeconfig "$$($(PY) -m kubetune dev kubeconfig)"
 
 .PHONY: bench
-bench: tools env ## Run the benchmarks (operator scale, trainer throughput)
+bench: tools env ## Run the benchmarks (operator scale, trainer throughput, distributed scaling)
 	@$(PY) bench/operator_scale.py
 	@$(PY) bench/trainer_throughput.py
+	@$(PY) bench/distributed.py
 
 .PHONY: lint
 lint: env ## Check formatting and lint with ruff

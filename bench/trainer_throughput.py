@@ -1,15 +1,21 @@
-"""Trainer throughput and memory, run by hand (not a test).
+"""Trainer throughput and memory, run by hand (`make bench`), not a test.
 
-1. Real (non-padding) tokens per second of the kubetune trainer (padding-free
-   packing, length-grouped batches) against a plain Hugging Face Trainer with
-   its default padding collator and sampler, on the same model and the same
-   examples with skewed lengths, in the same process.
-2. Peak memory of each method (FULL, LORA, QLORA, PREFIX_TUNING, PROMPT_TUNING)
-   on a ~100M-parameter Llama-style model: each method runs in its own process;
-   on CPU the figure is the peak resident set size while training (VmHWM reset
-   after loading), on GPU torch's peak allocated memory.
+1. Real (non-padding) tokens per second on the same examples (skewed lengths),
+   in the same process, one fresh model each, LoRA r16 on every linear layer:
 
-    PYTHONPATH=.:trainer_image python bench/trainer_throughput.py [--steps 3]
+   * kubetune's trainer core, with the packing that `auto` picks for these lengths
+     (and, for reference, the other choice);
+   * TRL's SFTTrainer at its fastest settings: padding-free, and BFD packing, both
+     with gradient checkpointing off (TRL turns it on by default);
+   * transformers' Trainer with `group_by_length`, and with its defaults.
+
+   Also the training FLOP rate (useful work only: no padding, no masked scores)
+   as a fraction of a large fp32 GEMM's rate measured in the same run.
+2. Peak memory of each method (FULL, LORA, QLORA, PREFIX_TUNING, PROMPT_TUNING),
+   each in its own process: on CPU the peak resident set while training (VmHWM
+   reset after loading), on GPU torch's peak allocated memory.
+
+    python bench/trainer_throughput.py [--model smollm2|tiny|both] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,14 +32,34 @@ import time
 from pathlib import Path
 
 import torch
-from kubetune_trainer import modeling
-from kubetune_trainer.encoding import Example
-from kubetune_trainer.training import Trainer
 
-from kubetune.api.finetuningjob import FineTuningJobSpec, ResolvedHyperparameters
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image")]
 
-CACHE = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune")) / "bench-models"
+from kubetune_trainer import acceleration, modeling  # noqa: E402
+from kubetune_trainer.encoding import Example  # noqa: E402
+from kubetune_trainer.training import build_trainer, sft_arguments  # noqa: E402
+
+from kubetune.api.finetuningjob import (  # noqa: E402
+    AttentionImplementation,
+    FineTuningJobSpec,
+    FineTuningMethod,
+    PackingStrategy,
+    ResolvedHyperparameters,
+)
+
 METHODS = ["FULL", "LORA", "QLORA", "PREFIX_TUNING", "PROMPT_TUNING"]
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
+
+
+def model_folder(kind: str) -> Path:
+    if kind == "smollm2":
+        from kubetune.dev.models import smollm2
+
+        return smollm2()
+    from tests.unit.trainer.conftest import _cached_model
+
+    return _cached_model("causal")
 
 
 def skewed_examples(count: int, vocab: int, seed: int = 0) -> list[Example]:
@@ -49,7 +74,20 @@ def skewed_examples(count: int, vocab: int, seed: int = 0) -> list[Example]:
     return examples
 
 
-def hyperparameters(batch_size: int, **overrides) -> ResolvedHyperparameters:
+def spec(method: str = "LORA") -> FineTuningJobSpec:
+    document = {
+        "baseModel": {"name": "bench", "volume": {"claimName": "m"}},
+        "dataset": {"format": "JSONL", "volume": {"claimName": "d"}},
+        "method": method,
+        "output": {"volume": {"claimName": "o"}},
+        "resources": {"gpus": 1 if torch.cuda.is_available() else 0},
+    }
+    if method in ("LORA", "QLORA"):
+        document["lora"] = LORA
+    return FineTuningJobSpec.model_validate(document)
+
+
+def hyperparameters(batch_size: int, strategy: str, **overrides) -> ResolvedHyperparameters:
     values = {
         "epochs": 1,
         "batchSize": batch_size,
@@ -62,7 +100,9 @@ def hyperparameters(batch_size: int, **overrides) -> ResolvedHyperparameters:
         "maxGradNorm": 1.0,
         "maxSeqLength": 512,
         "packing": True,
-        "precision": "fp32",
+        "packingStrategy": strategy,
+        "attnImplementation": "sdpa",
+        "precision": "bf16" if torch.cuda.is_available() else "fp32",
         "gradientCheckpointing": False,
         "saveSteps": 10**6,
         "loggingSteps": 10**6,
@@ -72,101 +112,212 @@ def hyperparameters(batch_size: int, **overrides) -> ResolvedHyperparameters:
     return ResolvedHyperparameters.model_validate(values)
 
 
-def build_model(folder: Path, hidden: int, layers: int, intermediate: int, heads: int) -> Path:
-    from kubetune_trainer.tiny import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = build_tokenizer()
+def lora_model(folder: Path, method: str = "LORA"):
+    job = spec(method)
+    hp = hyperparameters(8, "padded")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = modeling.ModelSource(str(folder), None, None, False, None)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    staging = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None))
-    LlamaForCausalLM(config).save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(folder)
-    return folder
+    model = modeling.load_base_model(source, job, hp, device)
+    return modeling.apply_method(model, job, source), modeling.load_tokenizer(source)
 
 
-# --- 1. throughput -----------------------------------------------------------
-
-
-def ours(model_dir: Path, examples: list[Example], batch_size: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    trainer = Trainer(
-        model=model,
-        train_examples=examples,
-        eval_examples=[],
-        hyperparameters=hyperparameters(batch_size),
-        packed=True,
-        pad_token_id=0,
-        device=torch.device("cpu"),
-        autocast_dtype=None,
-        checkpoint_dir=Path(tempfile.mkdtemp()) / "checkpoints",
-    )
+def timed_train(trainer) -> float:
     started = time.perf_counter()
-    state = trainer.fit()
-    return state.real_tokens / (time.perf_counter() - started)
+    trainer.train()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
-def hugging_face(model_dir: Path, examples: list[Example], batch_size: int) -> float:
+# --- the contenders ----------------------------------------------------------
+
+
+def kubetune(folder: Path, examples: list[Example], batch: int, strategy: str) -> float:
+    model, tokenizer = lora_model(folder)
+    args = sft_arguments(
+        hyperparameters(batch, strategy),
+        output_dir=Path(tempfile.mkdtemp()),
+        on_cpu=not torch.cuda.is_available(),
+        has_eval=False,
+        collective_timeout_seconds=600,
+        fsdp={},
+    )
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        args,
+        train=examples,
+        evaluation=[],
+        callbacks=[],
+        keep_fp32_adapters=True,
+    )
+    return timed_train(trainer)
+
+
+def trl(folder: Path, examples: list[Example], batch: int, packing: str) -> float:
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        TrainingArguments,
-    )
-    from transformers import (
-        Trainer as HFTrainer,
-    )
+    from trl import SFTConfig, SFTTrainer
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = lora_model(folder)
+    dataset = Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    )
+    settings = (
+        {"padding_free": True, "max_length": None}
+        if packing == "padding_free"
+        else {"packing": True, "packing_strategy": "bfd", "max_length": 512}
+    )
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
+        seed=0,
+        disable_tqdm=True,
+        activation_checkpointing=False,  # TRL's default is on: its fastest setting is off
+        **settings,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return timed_train(trainer)
+
+
+def transformers_trainer(folder: Path, examples: list[Example], batch: int, grouped: bool):
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model, tokenizer = lora_model(folder)
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch,
         num_train_epochs=1,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
         seed=0,
-        dataloader_num_workers=0,
         disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if grouped else "random",
     )
-    trainer = HFTrainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"),
     )
-    started = time.perf_counter()
-    trainer.train()
-    return sum(len(e) for e in examples) / (time.perf_counter() - started)
+    return timed_train(trainer)
 
 
-# --- 2. memory per method ----------------------------------------------------
+# --- FLOP rates --------------------------------------------------------------
+
+
+def gemm_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def training_flops(folder: Path, examples: list[Example]) -> float:
+    """Useful operations of one LoRA epoch: forward 2 per parameter per token plus
+    attention over each example alone, and a backward through the activations of
+    about the same again (the frozen base needs no weight gradients)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    parameters = sum(p.numel() for p in lora_model(folder)[0].parameters())
+    cost = acceleration.CostModel.of(parameters, config.hidden_size, config.num_hidden_layers)
+    forward = sum(len(e) * cost.per_token + len(e) ** 2 * cost.per_score / 2 for e in examples)
+    return 2 * forward
+
+
+def throughput(kind: str, count: int, batch: int) -> None:
+    folder = model_folder(kind)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    examples = skewed_examples(count, vocab)
+    tokens = sum(len(e) for e in examples)
+    lengths = sorted(len(e) for e in examples)
+    model, _ = lora_model(folder)
+    shape = (sum(p.numel() for p in model.parameters()), model.config.hidden_size)
+    choice = acceleration.choose_packing(
+        packing=True,
+        requested=PackingStrategy.AUTO,
+        method=FineTuningMethod.LORA,
+        attention=AttentionImplementation.SDPA
+        if not torch.cuda.is_available()
+        else acceleration.choose_attention(
+            AttentionImplementation.AUTO, acceleration.Hardware.detect(), FineTuningMethod.LORA
+        ).value,
+        lengths=[len(e) for e in examples],
+        batch_size=batch,
+        cost=acceleration.CostModel.of(shape[0], shape[1], model.config.num_hidden_layers),
+        isolation_checked=True,
+    )
+    del model
+    auto = choice.value.value
+    other = "padding_free" if auto == "padded" else "padded"
+    print(
+        f"\n{kind}: {shape[0] / 1e6:.1f}M parameters, {count} examples of {lengths[0]}-"
+        f"{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), {tokens} real tokens, "
+        f"batch {batch}, LoRA r16 on all linear layers, {torch.get_num_threads()} threads"
+    )
+    print(f"  auto: {choice.reason}")
+    # Warm up the process (allocator, thread pool, kernels) before timing anyone.
+    kubetune(folder, examples[: batch * 2], batch, auto)
+    runs = {
+        f"kubetune (auto: {auto})": lambda: kubetune(folder, examples, batch, auto),
+        f"kubetune ({other})": lambda: kubetune(folder, examples, batch, other),
+        "TRL SFTTrainer, padding_free": lambda: trl(folder, examples, batch, "padding_free"),
+        "TRL SFTTrainer, BFD packing": lambda: trl(folder, examples, batch, "bfd"),
+        "transformers Trainer, group_by_length": lambda: transformers_trainer(
+            folder, examples, batch, grouped=True
+        ),
+        "transformers Trainer, default": lambda: transformers_trainer(
+            folder, examples, batch, grouped=False
+        ),
+    }
+    rates = {}
+    for name, run in runs.items():
+        seconds = run()
+        rates[name] = tokens / seconds
+        gc.collect()
+    ours = rates[f"kubetune (auto: {auto})"]
+    gemm = gemm_flops_per_second()
+    useful = training_flops(folder, examples)
+    print(f"  {'trainer':40s} {'real tokens/s':>14s} {'kubetune vs it':>15s}")
+    for name, rate in rates.items():
+        print(f"  {name:40s} {rate:14.0f} {ours / rate:14.2f}x")
+    seconds = tokens / ours
+    print(
+        f"  training FLOP rate {useful / seconds / 1e9:.1f} GFLOP/s = "
+        f"{useful / seconds / gemm:.0%} of a 2048^3 fp32 GEMM ({gemm / 1e9:.1f} GFLOP/s)"
+    )
+
+
+# --- memory per method -------------------------------------------------------
 
 
 def _rss_kib(field: str) -> int:
@@ -176,93 +327,60 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def memory_child(model_dir: Path, method: str, steps: int) -> dict:
-    spec_doc = {
-        "baseModel": {"name": "bench", "volume": {"claimName": "m"}},
-        "dataset": {"format": "JSONL", "volume": {"claimName": "d"}},
-        "method": method,
-        "output": {"volume": {"claimName": "o"}},
-    }
-    if method == "QLORA":
-        spec_doc["quantization"] = {"computeDtype": "float32"}
-    spec = FineTuningJobSpec.model_validate(spec_doc)
-    device = modeling.pick_device()
-    source = modeling.ModelSource(str(model_dir), None, None, False, None)
-    model = modeling.load_base_model(source, spec, modeling.Precision.FP32, device)
-    model = modeling.apply_method(model, spec, source, gradient_checkpointing=False)
+def memory_child(kind: str, method: str, steps: int) -> dict:
+    folder = model_folder(kind)
+    model, tokenizer = lora_model(folder, method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     batch = 2
     examples = [Example(list(range(5, 261)), list(range(5, 261)))] * (batch * steps)
-    packed = method not in ("PREFIX_TUNING", "PROMPT_TUNING")
-    trainer = Trainer(
-        model=model,
-        train_examples=examples,
-        eval_examples=[],
-        hyperparameters=hyperparameters(batch),
-        packed=packed,
-        pad_token_id=0,
-        device=device,
-        autocast_dtype=None,
-        checkpoint_dir=Path(tempfile.mkdtemp()) / "checkpoints",
-        virtual_tokens=modeling.num_virtual_tokens(model),
+    strategy = "padded" if method in ("PREFIX_TUNING", "PROMPT_TUNING") else "padding_free"
+    args = sft_arguments(
+        hyperparameters(batch, strategy, maxSteps=steps),
+        output_dir=Path(tempfile.mkdtemp()),
+        on_cpu=not torch.cuda.is_available(),
+        has_eval=False,
+        collective_timeout_seconds=600,
+        fsdp={},
+    )
+    trainer = build_trainer(
+        model, tokenizer, args, train=examples, evaluation=[], callbacks=[], keep_fp32_adapters=True
     )
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (e.g. QLoRA's fp32 copy)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (QLoRA's fp32 copy)
     loaded_rss = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure training only
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    trainer.fit()
+    seconds = timed_train(trainer)
     result = {
         "method": method,
         "parameters": total,
         "trainable": trainable,
         "loaded_rss_mib": loaded_rss / 1024,
         "train_peak_rss_mib": _rss_kib("VmHWM") / 1024,
-        "lifetime_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "seconds_per_step": (time.perf_counter() - started) / steps,
+        "seconds_per_step": seconds / steps,
     }
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         result["gpu_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=3, help="Training steps per method (memory).")
-    parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--skip-memory", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    big = build_model(CACHE / "llama-100m-v1", hidden=768, layers=16, intermediate=2048, heads=12)
-    if args.memory_child:
-        print(json.dumps(memory_child(big, args.memory_child, args.steps)))
-        return
-
-    small = build_model(CACHE / "llama-small-v1", hidden=256, layers=4, intermediate=688, heads=4)
-    examples = skewed_examples(args.examples, vocab=900)
-    lengths = sorted(len(e) for e in examples)
-    print(
-        f"throughput: {len(examples)} examples, lengths min {lengths[0]} median "
-        f"{lengths[len(lengths) // 2]} max {lengths[-1]}, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    hf = hugging_face(small, examples, args.batch_size)
-    kt = ours(small, examples, args.batch_size)
-    print(f"  Hugging Face Trainer (padding):         {hf:9.0f} real tokens/s")
-    print(f"  kubetune trainer (packed, grouped):     {kt:9.0f} real tokens/s")
-    print(f"  ratio: {kt / hf:.2f}x")
-    if args.skip_memory:
-        return
-    print(f"memory: ~100M-parameter model, batch 2 x 256 tokens, {args.steps} steps per method")
+def memory(kind: str, steps: int) -> None:
+    print(f"\nmemory ({kind}): batch 2 x 256 tokens, {steps} steps per method, own process each")
     for method in METHODS:
         output = (
             subprocess.run(
-                [sys.executable, __file__, "--memory-child", method, "--steps", str(args.steps)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    method,
+                    "--model",
+                    kind,
+                    "--steps",
+                    str(steps),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -272,16 +390,37 @@ def main() -> None:
         )
         row = json.loads(output)
         gpu = (
-            f"  gpu peak {row['gpu_peak_allocated_mib']:.0f} MiB"
+            f"  GPU peak {row['gpu_peak_allocated_mib']:.0f} MiB"
             if "gpu_peak_allocated_mib" in row
             else ""
         )
         print(
-            f"  {method:14s} params {row['parameters'] / 1e6:6.1f}M trainable "
-            f"{row['trainable'] / 1e6:8.3f}M  loaded RSS {row['loaded_rss_mib']:6.0f} MiB  "
+            f"  {method:14s} trainable {row['trainable'] / 1e6:8.3f}M of "
+            f"{row['parameters'] / 1e6:6.1f}M  loaded RSS {row['loaded_rss_mib']:6.0f} MiB  "
             f"training peak RSS {row['train_peak_rss_mib']:6.0f} MiB  "
-            f"{row['seconds_per_step']:5.1f} s/step{gpu}"
+            f"{row['seconds_per_step']:5.2f} s/step{gpu}"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["smollm2", "tiny", "both"], default="both")
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="Training steps per method (memory).")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.model, args.memory_child, args.steps)))
+        return
+    kinds = ["smollm2", "tiny"] if args.model == "both" else [args.model]
+    for kind in kinds:
+        throughput(kind, args.examples, args.batch_size)
+    if not args.skip_memory:
+        memory("smollm2" if "smollm2" in kinds else kinds[0], args.steps)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,13 @@ ADDITIONAL_PARAMS: dict[str, str] = {
     "max_grad_norm": "hyperparameters.maxGradNorm",
     "packing": "hyperparameters.packing",
     "precision": "hyperparameters.precision",
-    "gradient_checkpointing": "hyperparameters.gradientCheckpointing",
+    "gradient_checkpointing": "hyperparameters.gradientCheckpointing (default auto)",
+    "packing_strategy": "hyperparameters.packingStrategy: auto, padding_free, bfd or padded",
+    "attn_implementation": "hyperparameters.attnImplementation",
+    "liger_kernel": "hyperparameters.ligerKernel (default auto)",
+    "nodes": "resources.nodes (pods, each with `gpus` GPUs)",
+    "distributed_strategy": "distributed.strategy: auto, ddp or fsdp",
+    "processes_per_node": "distributed.processesPerNode (CPU-only jobs)",
     "logging_steps": "hyperparameters.loggingSteps",
     "merge_adapter": "output.mergeAdapter",
     "gpus": "resources.gpus",
@@ -441,6 +447,9 @@ def to_job(
         "weight_decay",
         "max_grad_norm",
         "packing",
+        "packing_strategy",
+        "attn_implementation",
+        "liger_kernel",
         "precision",
         "gradient_checkpointing",
         "logging_steps",
@@ -478,11 +487,22 @@ def to_job(
             ("cpu", "cpu"),
             ("memory", "memory"),
             ("node_selector", "node_selector"),
+            ("nodes", "nodes"),
         )
         if key in extra
     }
     if resources:
         spec["resources"] = resources
+    distributed = {
+        target: extra[key]
+        for key, target in (
+            ("distributed_strategy", "strategy"),
+            ("processes_per_node", "processes_per_node"),
+        )
+        if key in extra
+    }
+    if distributed:
+        spec["distributed"] = distributed
     for key, target in (
         ("image", "image"),
         ("max_retries", "max_retries"),

@@ -89,7 +89,7 @@ def test_every_outcome_has_a_stage_except_run() -> None:
         for expression in stage["spec"].get("selector", {}).get("matchExpressions", []):
             if expression["key"] == f'.metadata.annotations["{simulation.OUTCOME}"]':
                 steered.update(expression.get("values", ["<unset>"]))
-    assert steered == {"<unset>", "succeed", "fail", "oom", "image-pull"}
+    assert steered == {"<unset>", "succeed", "fail", "oom", "image-pull", "fail-rank"}
 
 
 def test_stage_status_templates_are_valid_yaml_shapes() -> None:
@@ -141,3 +141,14 @@ def test_stdlib_operator_module_is_not_shadowed() -> None:
     assert operator.__file__ is not None
     assert "site-packages" not in operator.__file__
     assert Path(operator.__file__).parent.name.startswith("python3")
+
+
+def test_fail_rank_needs_an_index() -> None:
+    annotations = simulation.pod_annotations("fail-rank", fail_index=2, fail_message="boom")
+    assert annotations[simulation.FAIL_INDEX] == "2"
+    assert annotations[simulation.FAIL_RESTART] == "0"
+    assert annotations[simulation.FAIL_MESSAGE] == "boom"
+    with pytest.raises(ValueError, match="fail_index"):
+        simulation.pod_annotations("fail-rank")
+    with pytest.raises(ValueError, match="fail_index"):
+        simulation.pod_annotations("fail", fail_index=1)

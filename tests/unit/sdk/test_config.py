@@ -137,6 +137,28 @@ def test_mapping_to_the_job_spec(data):
     assert spec.resources.gpus == 2 and spec.pod_metadata.annotations == {"a": "b"}
 
 
+def test_distributed_and_performance_settings(data):
+    c = config(
+        data,
+        additional_params={
+            "gpus": 8,
+            "nodes": 4,
+            "distributed_strategy": "fsdp",
+            "packing_strategy": "bfd",
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": True,
+        },
+    )
+    spec = to_job(c, "j", local_locations(c, "j")).spec
+    assert (spec.resources.gpus, spec.resources.nodes, spec.distributed.strategy) == (8, 4, "fsdp")
+    hp = spec.hyperparameters
+    assert (hp.packing_strategy, hp.attn_implementation, hp.gradient_checkpointing) == (
+        "bfd",
+        "sdpa",
+        True,
+    )
+
+
 def test_quantisation_flags_make_qlora(data):
     four = to_job(config(data, use_4bit=True), "j", local_locations(config(data), "j")).spec
     assert four.method == api.FineTuningMethod.QLORA and four.quantization.bits == 4
