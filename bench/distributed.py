@@ -27,10 +27,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "trainer_image")]
 
 from kubetune.api.trainer import TrainerConfig  # noqa: E402
 
-WORDS = (
-    "the a model trains on data and learns to answer questions about cities rivers "
-    "colors animals numbers with short and long sentences that vary in length"
-).split()
+WORDS = [
+    *("the", "a", "model", "trains", "on", "data", "and", "learns", "to", "answer"),
+    *("questions", "about", "cities", "rivers", "colors", "animals", "numbers", "with"),
+    *("short", "long", "sentences", "that", "vary", "in", "length"),
+]
 # Dense bf16 peaks (no sparsity), for MFU on GPUs this bench may meet.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -57,10 +58,7 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> None:
 def config(work: Path, model: Path, name: str, processes: int, steps: int, batch: int) -> Path:
     gpus = _gpus()
     resources = {"gpus": min(gpus, processes)} if gpus else {"gpus": 0}
-    if not gpus and processes > 1:
-        distributed = {"processesPerNode": processes}
-    else:
-        distributed = {}
+    distributed = {"processesPerNode": processes} if not gpus and processes > 1 else {}
     precision = "bf16" if gpus else "fp32"
     document = {
         "job": {"name": name, "namespace": "bench", "uid": name},
@@ -188,26 +186,25 @@ def main() -> None:
                 "single process (1.00x would be free distribution)"
             )
     if gpus:
-        import torch
+        report_mfu(model, results)
 
-        from kubetune_trainer.acceleration import CostModel
 
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        from transformers import AutoConfig
+def report_mfu(model: Path, results: dict[int, float]) -> None:
+    import torch
+    from kubetune_trainer.acceleration import CostModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-        cfg = AutoConfig.from_pretrained(model)
-        parameters = sum(
-            p.numel()
-            for p in __import__("transformers")
-            .AutoModelForCausalLM.from_pretrained(model)
-            .parameters()
-        )
-        cost = CostModel.of(parameters, cfg.hidden_size, cfg.num_hidden_layers)
-        for processes, rate in results.items():
-            flops = 2 * rate * cost.per_token  # LoRA: forward and a backward through activations
-            if peak:
-                print(f"  MFU with {processes} GPU(s) ({name}): {flops / (processes * peak):.1%}")
+    name = torch.cuda.get_device_name()
+    peak = next((value for key, value in GPU_PEAK_BF16.items() if key in name), None)
+    if peak is None:
+        print(f"  MFU: no bf16 peak known for {name}")
+        return
+    config = AutoConfig.from_pretrained(model)
+    parameters = AutoModelForCausalLM.from_pretrained(model).num_parameters()
+    cost = CostModel.of(parameters, config.hidden_size, config.num_hidden_layers)
+    for processes, rate in results.items():
+        flops = 2 * rate * cost.per_token  # LoRA: a forward, and a backward through activations
+        print(f"  MFU with {processes} GPU(s) ({name}): {flops / (processes * peak):.1%}")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ if [ ! -x "$uv_home/bin/uv" ]; then
   "$uv_home/bin/pip" install --quiet --disable-pip-version-check "uv==$UV_VERSION"
 fi
 
-key=$(sha256sum <"$root/uv.lock" | cut -c1-16)
+# The key also names how it is built: bytecode is compiled at install time, so imports
+# stay fast where PYTHONDONTWRITEBYTECODE keeps Python from caching it.
+key=$( (cat "$root/uv.lock"; echo "compile-bytecode") | sha256sum | cut -c1-16)
 venv="$cache/venv/$key"
 if [ ! -f "$venv/.complete" ]; then
   echo "[python-env] creating $venv (first time: downloads torch and friends)" >&2
   export UV_CACHE_DIR="$cache/uv-cache" UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT="$venv"
-  (cd "$root" && "$uv_home/bin/uv" sync --locked --all-extras --no-install-project --python "$python" --quiet)
+  (cd "$root" && "$uv_home/bin/uv" sync --locked --all-extras --no-install-project --compile-bytecode --python "$python" --quiet)
   touch "$venv/.complete"
   # Keep the three most recent environments (several GB each).
   ls -1dt "$cache"/venv/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf

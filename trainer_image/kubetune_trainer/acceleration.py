@@ -5,6 +5,10 @@ choices need the device, the installed kernels and the dataset's lengths, so
 the trainer makes them and reports them with its progress. The rules, in
 docs/auto.md:
 
+* precision: bf16 autocast on CPUs that compute bfloat16 natively (AVX512-BF16
+  or AMX) for models with a hidden size of 512 or more (below, casting costs
+  more than the narrower matmuls save), except for QLoRA, whose CPU 4-bit
+  kernels are kept in fp32;
 * attention: flash_attention_2 on NVIDIA GPUs of compute capability 8.0 or
   newer when the flash-attn package is installed, else SDPA;
 * Liger kernels: on NVIDIA GPUs when liger-kernel is installed;
@@ -21,13 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from kubetune.api.finetuningjob import (
     AttentionImplementation,
     FineTuningMethod,
     PackingStrategy,
+    Precision,
 )
 
 VIRTUAL_TOKEN_METHODS = (FineTuningMethod.PREFIX_TUNING, FineTuningMethod.PROMPT_TUNING)
@@ -47,13 +54,14 @@ class Hardware:
     compute_capability: tuple[int, int] | None = None
     flash_attn_installed: bool = False
     liger_installed: bool = False
+    cpu_bf16: bool = False  # the CPU computes bfloat16 natively
 
     @classmethod
     def detect(cls) -> Hardware:
         import torch
 
         if not torch.cuda.is_available():
-            return cls(device="cpu")
+            return cls(device="cpu", cpu_bf16=_cpu_has_native_bf16())
         return cls(
             device="cuda",
             compute_capability=torch.cuda.get_device_capability(),
@@ -62,10 +70,40 @@ class Hardware:
         )
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 @dataclass(frozen=True)
 class Choice:
     value: object
     reason: str
+
+
+CPU_BF16_MIN_HIDDEN = 512
+
+
+def choose_cpu_precision(method: FineTuningMethod, hardware: Hardware, hidden_size: int) -> Choice:
+    """For `precision: auto` on a CPU (the operator resolves fp32 without seeing it)."""
+    if not hardware.cpu_bf16:
+        return Choice(Precision.FP32, "precision fp32: this CPU has no native bfloat16")
+    if method == FineTuningMethod.QLORA:
+        return Choice(Precision.FP32, "precision fp32: QLoRA's 4-bit CPU kernels stay in fp32")
+    if hidden_size < CPU_BF16_MIN_HIDDEN:
+        return Choice(
+            Precision.FP32,
+            f"precision fp32: at hidden size {hidden_size} casting to bfloat16 costs more than "
+            "it saves",
+        )
+    return Choice(
+        Precision.BF16,
+        "precision bf16: this CPU computes bfloat16 natively (AVX512-BF16/AMX); weights "
+        "stay fp32, matmuls autocast",
+    )
 
 
 def choose_attention(

@@ -120,6 +120,17 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def hidden_size(source: ModelSource) -> int:
+    """The model's hidden size, from its config alone (before the weights are loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, **source.kwargs())
+    except (OSError, ValueError) as err:
+        raise InputNotFound(f"base model {source.name_or_path!r} cannot be loaded: {err}") from err
+    return int(getattr(config.get_text_config(), "hidden_size", 0) or 0)
+
+
 def quantization_config(settings: QuantizationSettings | None, precision: Precision):
     from transformers import BitsAndBytesConfig
 

@@ -84,7 +84,7 @@ def run(
 
     # --- model ---------------------------------------------------------------
     hardware = acceleration.Hardware.detect()
-    hp = setup.before_loading(config, hardware)
+    hp = setup.before_loading(config, hardware, modeling.hidden_size(source))
     modeling.check_precision(hp.precision, device)
     seed_everything(hp.seed)
     model = modeling.load_base_model(source, spec, hp, device)

@@ -38,9 +38,10 @@ _MEMORY_FIELDS = (
 
 
 def before_loading(
-    config: TrainerConfig, hardware: acceleration.Hardware
+    config: TrainerConfig, hardware: acceleration.Hardware, hidden_size: int
 ) -> ResolvedHyperparameters:
-    """Attention kernel, Liger kernels and precision for this device."""
+    """Attention kernel, Liger kernels and precision for this device (and, on CPUs, the
+    model's width, read from its config)."""
     spec, hp = config.spec, config.hyperparameters
     asked = spec.hyperparameters
     if spec.method == FineTuningMethod.PREFIX_TUNING and asked.gradient_checkpointing:
@@ -52,7 +53,11 @@ def before_loading(
     liger = acceleration.choose_liger(asked.liger_kernel, hardware)
     update: dict = {"attn_implementation": attention.value, "liger_kernel": liger.value}
     decisions = [attention.reason, liger.reason]
-    if (
+    if asked.precision == Precision.AUTO and hardware.device == "cpu":
+        precision = acceleration.choose_cpu_precision(spec.method, hardware, hidden_size)
+        update["precision"] = precision.value
+        decisions.append(precision.reason)
+    elif (
         asked.precision == Precision.AUTO
         and hp.precision == Precision.BF16
         and hardware.device == "cuda"

@@ -127,3 +127,15 @@ def test_qlora_compute_dtype_follows_the_precision(precision, expected) -> None:
     assert compute_dtype(QuantizationSettings(), precision) == expected
     explicit = QuantizationSettings(compute_dtype="float32")
     assert compute_dtype(explicit, precision) == torch.float32
+
+
+def test_cpu_precision() -> None:
+    from kubetune_trainer.acceleration import choose_cpu_precision
+
+    native = Hardware(device="cpu", cpu_bf16=True)
+    assert choose_cpu_precision(FineTuningMethod.LORA, native, 576).value == Precision.BF16
+    assert choose_cpu_precision(FineTuningMethod.FULL, native, 4096).value == Precision.BF16
+    assert choose_cpu_precision(FineTuningMethod.QLORA, native, 576).value == Precision.FP32
+    assert choose_cpu_precision(FineTuningMethod.LORA, CPU, 576).value == Precision.FP32
+    # A tiny model: casting costs more than bfloat16 matmuls save.
+    assert choose_cpu_precision(FineTuningMethod.LORA, native, 64).value == Precision.FP32

@@ -277,3 +277,63 @@ def test_a_tampered_checkpoint_is_never_unpickled(tmp_path, tiny_model_dir):
         or "UnpicklingError" in (message["error"]["message"])
     )
     assert not proof.exists()
+
+
+def test_the_gradient_scaler_resumes_with_its_scale(tmp_path, tiny_model_dir, tokenizer):
+    """fp16 training scales the loss; a resumed run continues with the scale it had, not
+    the initial one (CPUs train fp16 without a scaler, so one is put in by hand here)."""
+    from kubetune_trainer.training import build_trainer, sft_arguments
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from kubetune.api.finetuningjob import ResolvedHyperparameters
+
+    from .helpers import DEFAULT_HYPERPARAMETERS
+    from .test_collation import make_examples
+
+    class FirstScale(TrainerCallback):
+        seen = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.seen is None:
+                self.seen = trainer.accelerator.scaler.get_scale()
+
+    def run(resume=None):
+        nonlocal trainer
+        hp = ResolvedHyperparameters.model_validate(
+            {
+                **DEFAULT_HYPERPARAMETERS,
+                "maxSteps": 4,
+                "saveSteps": 2,
+                "gradientAccumulationSteps": 1,
+            }
+        )
+        args = sft_arguments(
+            hp,
+            output_dir=tmp_path / "ck",
+            on_cpu=True,
+            has_eval=False,
+            collective_timeout_seconds=60,
+            fsdp={},
+        )
+        probe = FirstScale()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        trainer = build_trainer(
+            model,
+            tokenizer,
+            args,
+            train=make_examples([9] * 16),
+            evaluation=[],
+            callbacks=[probe],
+            keep_fp32_adapters=True,
+        )
+        trainer.accelerator.scaler = torch.amp.GradScaler(
+            "cpu", init_scale=2.0**10, growth_interval=1
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return probe.seen
+
+    trainer = None
+    assert run() == 2.0**10
+    saved = torch.load(tmp_path / "ck" / "checkpoint-2" / "scaler.pt", weights_only=True)
+    assert saved["scale"] == 2.0**12  # grew after each of the two steps
+    assert run(resume=str(tmp_path / "ck" / "checkpoint-2")) == 2.0**12
