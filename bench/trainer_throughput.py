@@ -143,28 +143,33 @@ def timed_train(trainer) -> float:
 # --- the contenders ----------------------------------------------------------
 
 
-def kubetune(
-    folder: Path, examples: list[Example], batch: int, strategy: str, precision: str
-) -> float:
-    model, tokenizer = lora_model(folder, precision=precision)
+def our_trainer(model, tokenizer, examples: list[Example], hp: ResolvedHyperparameters):
+    """kubetune's trainer core (TRL's SFTTrainer as the recipe configures it)."""
     args = sft_arguments(
-        hyperparameters(batch, strategy, precision=precision),
+        hp,
         output_dir=Path(tempfile.mkdtemp()),
         on_cpu=not torch.cuda.is_available(),
         has_eval=False,
         collective_timeout_seconds=600,
         fsdp={},
     )
-    trainer = build_trainer(
+    return build_trainer(
         model,
         tokenizer,
         args,
         train=examples,
         evaluation=[],
         callbacks=[],
-        keep_fp32_adapters=True,
+        keep_fp32_adapters=hp.precision.value != "bf16",
     )
-    return timed_train(trainer)
+
+
+def kubetune(
+    folder: Path, examples: list[Example], batch: int, strategy: str, precision: str
+) -> float:
+    model, tokenizer = lora_model(folder, precision=precision)
+    hp = hyperparameters(batch, strategy, precision=precision)
+    return timed_train(our_trainer(model, tokenizer, examples, hp))
 
 
 def trl(folder: Path, examples: list[Example], batch: int, packing: str, bf16: bool) -> float:
@@ -363,17 +368,9 @@ def memory_child(kind: str, method: str, steps: int) -> dict:
     batch = 2
     examples = [Example(list(range(5, 261)), list(range(5, 261)))] * (batch * steps)
     strategy = "padded" if method in ("PREFIX_TUNING", "PROMPT_TUNING") else "padding_free"
-    args = sft_arguments(
-        hyperparameters(batch, strategy, maxSteps=steps, precision=auto_precision(folder, method)),
-        output_dir=Path(tempfile.mkdtemp()),
-        on_cpu=not torch.cuda.is_available(),
-        has_eval=False,
-        collective_timeout_seconds=600,
-        fsdp={},
-    )
-    trainer = build_trainer(
-        model, tokenizer, args, train=examples, evaluation=[], callbacks=[], keep_fp32_adapters=True
-    )
+    precision = auto_precision(folder, method)
+    hp = hyperparameters(batch, strategy, maxSteps=steps, precision=precision)
+    trainer = our_trainer(model, tokenizer, examples, hp)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (QLoRA's fp32 copy)
     loaded_rss = _rss_kib("VmRSS")

@@ -196,7 +196,7 @@ def test_training_job_shape_on_the_cluster(kube: Kube, ns: str) -> None:
         timeout=ft.TIMEOUT,
         describe="trainer running",
     )
-    assert pod.spec.node_name == "gpu-a100-0"
+    assert pod.spec.node_name.startswith("gpu-a100-")
     ft.wait_phase(kube, ns, "shaped", "Running")
 
 
