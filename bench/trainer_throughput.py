@@ -122,9 +122,24 @@ def hyperparameters(batch_size: int, strategy: str, **overrides) -> ResolvedHype
     return ResolvedHyperparameters.model_validate(values)
 
 
-def lora_model(folder: Path, method: str = "LORA", precision: str | None = None):
+def auto_attention(method: str = "LORA") -> str:
+    hardware = acceleration.Hardware.detect()
+    choice = acceleration.choose_attention(
+        AttentionImplementation.AUTO, hardware, FineTuningMethod(method)
+    )
+    return choice.value.value
+
+
+def lora_model(
+    folder: Path, method: str = "LORA", precision: str | None = None, attention: str = "sdpa"
+):
     job = spec(method)
-    hp = hyperparameters(8, "padded", precision=precision or auto_precision(folder, method))
+    hp = hyperparameters(
+        8,
+        "padded",
+        precision=precision or auto_precision(folder, method),
+        attnImplementation=attention,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = modeling.ModelSource(str(folder), None, None, False, None)
     torch.manual_seed(0)
@@ -165,10 +180,15 @@ def our_trainer(model, tokenizer, examples: list[Example], hp: ResolvedHyperpara
 
 
 def kubetune(
-    folder: Path, examples: list[Example], batch: int, strategy: str, precision: str
+    folder: Path,
+    examples: list[Example],
+    batch: int,
+    strategy: str,
+    precision: str,
+    attention: str,
 ) -> float:
-    model, tokenizer = lora_model(folder, precision=precision)
-    hp = hyperparameters(batch, strategy, precision=precision)
+    model, tokenizer = lora_model(folder, precision=precision, attention=attention)
+    hp = hyperparameters(batch, strategy, precision=precision, attnImplementation=attention)
     return timed_train(our_trainer(model, tokenizer, examples, hp))
 
 
@@ -277,15 +297,12 @@ def throughput(kind: str, count: int, batch: int, repeats: int = 1) -> None:
     lengths = sorted(len(e) for e in examples)
     model, _ = lora_model(folder)
     shape = (sum(p.numel() for p in model.parameters()), model.config.hidden_size)
+    attention = auto_attention()
     choice = acceleration.choose_packing(
         packing=True,
         requested=PackingStrategy.AUTO,
         method=FineTuningMethod.LORA,
-        attention=AttentionImplementation.SDPA
-        if not torch.cuda.is_available()
-        else acceleration.choose_attention(
-            AttentionImplementation.AUTO, acceleration.Hardware.detect(), FineTuningMethod.LORA
-        ).value,
+        attention=AttentionImplementation(attention),
         lengths=[len(e) for e in examples],
         batch_size=batch,
         cost=acceleration.CostModel.of(shape[0], shape[1], model.config.num_hidden_layers),
@@ -300,16 +317,20 @@ def throughput(kind: str, count: int, batch: int, repeats: int = 1) -> None:
         f"{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), {tokens} real tokens, "
         f"batch {batch}, LoRA r16 on all linear layers, {torch.get_num_threads()} threads"
     )
-    print(f"  auto: {choice.reason}; precision {precision}")
+    print(f"  auto: {choice.reason}; precision {precision}; attention {attention}")
     # Warm up the process (allocator, thread pool, kernels) before timing anyone.
-    kubetune(folder, examples[: batch * 2], batch, auto, precision)
+    kubetune(folder, examples[: batch * 2], batch, auto, precision, attention)
+    best = f"kubetune (auto: {auto}, {attention}, {precision})"
     runs = {
-        f"kubetune (auto: {auto}, {precision})": lambda: kubetune(
-            folder, examples, batch, auto, precision
+        best: lambda: kubetune(folder, examples, batch, auto, precision, attention),
+        f"kubetune ({auto}, {attention}, fp32)": lambda: kubetune(
+            folder, examples, batch, auto, "fp32", attention
         ),
-        f"kubetune ({auto}, fp32)": lambda: kubetune(folder, examples, batch, auto, "fp32"),
-        f"kubetune ({other}, {precision})": lambda: kubetune(
-            folder, examples, batch, other, precision
+        f"kubetune ({auto}, sdpa, {precision})": lambda: kubetune(
+            folder, examples, batch, auto, precision, "sdpa"
+        ),
+        f"kubetune ({other}, sdpa, {precision})": lambda: kubetune(
+            folder, examples, batch, other, precision, "sdpa"
         ),
         "TRL SFTTrainer, padding_free, bf16": lambda: trl(
             folder, examples, batch, "padding_free", True
@@ -331,14 +352,14 @@ def throughput(kind: str, count: int, batch: int, repeats: int = 1) -> None:
             seconds = run()
             rates[name] = max(rates.get(name, 0.0), tokens / seconds)
             gc.collect()
-    ours = rates[f"kubetune (auto: {auto}, {precision})"]
+    ours = rates[best]
     useful = training_flops(folder, examples)
     print(f"  {'trainer':40s} {'real tokens/s':>14s} {'kubetune vs it':>15s}")
     for name, rate in rates.items():
         print(f"  {name:40s} {rate:14.0f} {ours / rate:14.2f}x")
     for label, name in (
-        (precision, f"kubetune (auto: {auto}, {precision})"),
-        ("fp32", f"kubetune ({auto}, fp32)"),
+        (precision, best),
+        ("fp32", f"kubetune ({auto}, {attention}, fp32)"),
     ):
         gemm = gemm_flops_per_second(dtype=torch.bfloat16 if label == "bf16" else torch.float32)
         achieved = useful * rates[name] / tokens
@@ -362,14 +383,17 @@ def _rss_kib(field: str) -> int:
 
 def memory_child(kind: str, method: str, steps: int) -> dict:
     folder = model_folder(kind)
-    model, tokenizer = lora_model(folder, method)
+    attention = auto_attention(method)
+    model, tokenizer = lora_model(folder, method, attention=attention)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     batch = 2
     examples = [Example(list(range(5, 261)), list(range(5, 261)))] * (batch * steps)
     strategy = "padded" if method in ("PREFIX_TUNING", "PROMPT_TUNING") else "padding_free"
     precision = auto_precision(folder, method)
-    hp = hyperparameters(batch, strategy, maxSteps=steps, precision=precision)
+    hp = hyperparameters(
+        batch, strategy, maxSteps=steps, precision=precision, attnImplementation=attention
+    )
     trainer = our_trainer(model, tokenizer, examples, hp)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed (QLoRA's fp32 copy)

@@ -349,6 +349,8 @@ class AttentionImplementation(StrEnum):
 
     AUTO = "auto"
     SDPA = "sdpa"
+    # SDPA run per example on a padding-free row (the trainer's own varlen path)
+    SDPA_VARLEN = "sdpa_varlen"
     EAGER = "eager"
     FLASH_ATTENTION_2 = "flash_attention_2"
     FLASH_ATTENTION_3 = "flash_attention_3"
@@ -421,13 +423,15 @@ class Hyperparameters(ApiModel):
         default=PackingStrategy.AUTO,
         description="padding_free (a micro-batch in one row), bfd (rows of maxSeqLength filled "
         "best-fit-decreasing; batchSize then counts rows) or padded; auto: padding_free where "
-        "the attention kernel skips masked blocks (flash attention), else whichever of "
-        "padding_free and padded costs fewer operations on this dataset's lengths.",
+        "the attention kernel attends within each example only (flash attention, "
+        "sdpa_varlen), else whichever of padding_free and padded costs fewer operations on "
+        "this dataset's lengths.",
     )
     attn_implementation: AttentionImplementation = Field(
         default=AttentionImplementation.AUTO,
         description="Attention kernel; auto: flash_attention_2 where installed and supported "
-        "(NVIDIA compute capability 8.0 or newer), else sdpa.",
+        "(NVIDIA compute capability 8.0 or newer), else sdpa_varlen (SDPA per example of a "
+        "padding-free row; plain sdpa otherwise); sdpa for PREFIX_TUNING and PROMPT_TUNING.",
     )
     precision: Precision = Field(
         default=Precision.AUTO, description="auto (bf16 where supported), bf16, fp16, fp32."

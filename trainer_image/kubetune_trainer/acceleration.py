@@ -10,11 +10,13 @@ docs/auto.md:
   more than the narrower matmuls save), except for QLoRA, whose CPU 4-bit
   kernels are kept in fp32;
 * attention: flash_attention_2 on NVIDIA GPUs of compute capability 8.0 or
-  newer when the flash-attn package is installed, else SDPA;
+  newer when the flash-attn package is installed, else sdpa_varlen (SDPA run
+  per example of a padding-free row, see attention.py); plain SDPA for the
+  virtual-token methods, which train on padded rows;
 * Liger kernels: on NVIDIA GPUs when liger-kernel is installed;
 * packing: padding-free when the attention kernel is variable-length (flash
-  attention skips the masked blocks, so a flattened micro-batch costs what its
-  examples cost alone). Otherwise a flattened row of n tokens costs n² attention
+  attention and sdpa_varlen attend within each example, so a flattened
+  micro-batch costs what its examples cost alone). Otherwise a flattened row of n tokens costs n² attention
   scores under a dense block-diagonal mask, and padded rows of similar lengths
   may be cheaper: both are costed on the dataset's own lengths and the cheaper
   one wins. Prefix and prompt tuning always train on padded rows, since their
@@ -39,6 +41,7 @@ from kubetune.api.finetuningjob import (
 
 VIRTUAL_TOKEN_METHODS = (FineTuningMethod.PREFIX_TUNING, FineTuningMethod.PROMPT_TUNING)
 VARLEN_ATTENTION = (
+    AttentionImplementation.SDPA_VARLEN,
     AttentionImplementation.FLASH_ATTENTION_2,
     AttentionImplementation.FLASH_ATTENTION_3,
 )
@@ -116,6 +119,11 @@ def choose_attention(
             AttentionImplementation.SDPA,
             "attnImplementation sdpa: the prefix is an attention cache with its own mask",
         )
+    if method == FineTuningMethod.PROMPT_TUNING:
+        return Choice(
+            AttentionImplementation.SDPA,
+            "attnImplementation sdpa: prompt tuning trains on padded rows",
+        )
     capable = hardware.compute_capability is not None and hardware.compute_capability >= (8, 0)
     if hardware.device == "cuda" and capable and hardware.flash_attn_installed:
         return Choice(
@@ -130,7 +138,11 @@ def choose_attention(
         if not hardware.flash_attn_installed
         else "the GPU is older than compute capability 8.0"
     )
-    return Choice(AttentionImplementation.SDPA, f"attnImplementation sdpa: {why}")
+    return Choice(
+        AttentionImplementation.SDPA_VARLEN,
+        f"attnImplementation sdpa_varlen: {why}; SDPA per example of a padding-free row "
+        "instead of a dense mask over the whole row",
+    )
 
 
 def choose_liger(requested: bool | None, hardware: Hardware) -> Choice:
@@ -219,7 +231,7 @@ def choose_packing(
     if attention in VARLEN_ATTENTION:
         return Choice(
             PackingStrategy.PADDING_FREE,
-            f"packing padding_free: {attention.value} skips the masked blocks",
+            f"packing padding_free: {attention.value} attends within each example only",
         )
     flat = padding_free_cost(lengths, batch_size, cost)
     padded = padded_cost(lengths, batch_size, cost)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from kubetune.api.finetuningjob import (
+    AttentionImplementation,
     ComputeDType,
     DistributedStrategy,
     FineTuningJobSpec,
@@ -19,6 +20,7 @@ from kubetune.api.finetuningjob import (
     ResolvedHyperparameters,
 )
 from kubetune.api.trainer import TrainerConfig
+from kubetune_trainer import attention
 from kubetune_trainer.errors import InputNotFound, InvalidConfig
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,9 @@ def load_base_model(
 
     quantized = spec.method == FineTuningMethod.QLORA if quantized is None else quantized
     kwargs = {"dtype": weights_dtype(spec, hp), **source.kwargs()}
-    if hp.attn_implementation != "auto":
+    if hp.attn_implementation == AttentionImplementation.SDPA_VARLEN:
+        attention.register()
+    if hp.attn_implementation != AttentionImplementation.AUTO:
         kwargs["attn_implementation"] = hp.attn_implementation.value
     if quantized:
         kwargs["quantization_config"] = quantization_config(spec.quantization, hp.precision)

@@ -34,12 +34,14 @@ AUTO = AttentionImplementation.AUTO
 @pytest.mark.parametrize(
     ("hardware", "method", "expected"),
     [
-        (CPU, FineTuningMethod.LORA, "sdpa"),
+        (CPU, FineTuningMethod.LORA, "sdpa_varlen"),
+        (CPU, FineTuningMethod.FULL, "sdpa_varlen"),
+        (CPU, FineTuningMethod.PROMPT_TUNING, "sdpa"),
         (A100, FineTuningMethod.LORA, "flash_attention_2"),
         (A100, FineTuningMethod.FULL, "flash_attention_2"),
         (A100, FineTuningMethod.PREFIX_TUNING, "sdpa"),
-        (A100_BARE, FineTuningMethod.LORA, "sdpa"),
-        (T4, FineTuningMethod.LORA, "sdpa"),
+        (A100_BARE, FineTuningMethod.LORA, "sdpa_varlen"),
+        (T4, FineTuningMethod.LORA, "sdpa_varlen"),
     ],
 )
 def test_attention(hardware, method, expected) -> None:
@@ -102,9 +104,8 @@ def test_packing_follows_the_costs_of_the_lengths() -> None:
         == PackingStrategy.PADDING_FREE
     )
     # A variable-length kernel never computes the masked blocks.
-    assert pick(long_even, attention=AttentionImplementation.FLASH_ATTENTION_2).value == (
-        PackingStrategy.PADDING_FREE
-    )
+    for varlen in (AttentionImplementation.FLASH_ATTENTION_2, AttentionImplementation.SDPA_VARLEN):
+        assert pick(long_even, attention=varlen).value == PackingStrategy.PADDING_FREE
 
 
 def test_packing_rules_that_are_not_about_cost() -> None:
