@@ -19,6 +19,8 @@ handed to transformers' SDPA attention unchanged.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -38,7 +40,7 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
     row = position_ids.reshape(-1)
     starts = torch.nonzero(row[1:] != row[:-1] + 1).reshape(-1) + 1
     bounds = [0, *starts.tolist(), row.numel()]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
+    return [end - start for start, end in itertools.pairwise(bounds)]
 
 
 def is_block_causal(mask: torch.Tensor, lengths: list[int]) -> bool:
@@ -106,7 +108,10 @@ def sdpa_varlen_attention_forward(
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
         )
         for q, k, v in zip(
-            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+            query.split(lengths, dim=2),
+            key.split(lengths, dim=2),
+            value.split(lengths, dim=2),
+            strict=True,
         )
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None

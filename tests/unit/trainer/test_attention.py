@@ -87,7 +87,7 @@ def test_padding_free_training_matches_sdpa_and_each_example_alone(models) -> No
     torch.testing.assert_close(losses[1].loss, losses[0].loss, rtol=0, atol=1e-6)
     torch.testing.assert_close(losses[1].logits, losses[0].logits, rtol=0, atol=1e-5)
     for (name, dense), (_, varlen) in zip(
-        dense_model.named_parameters(), varlen_model.named_parameters()
+        dense_model.named_parameters(), varlen_model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(varlen.grad, dense.grad, rtol=1e-5, atol=1e-6, msg=name)
     start = 0
