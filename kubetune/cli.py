@@ -518,6 +518,11 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
         status = job.get("status") or {}
         progress = status.get("progress") or {}
         output = ((job.get("spec") or {}).get("output") or {}).get("volume") or {}
+        uid = (job.get("metadata") or {}).get("uid", "")
+        # The job's own folder on the output volume (see docs/operator.md).
+        folder = "/".join(
+            p for p in (output.get("path", "").strip("/"), f"{name}-{uid.split('-')[0]}") if p
+        )
         latest = (
             f" (status.progress has only the latest loss: {progress['loss']:.4f} at step "
             f"{progress.get('step')})"
@@ -527,8 +532,7 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
         raise click.ClickException(
             f"no loss history for FineTuningJob {name} on the cluster{latest}: the trainer writes "
             f"the history to metrics.json on the output volume (claim {output.get('claimName')}, "
-            f"path {output.get('path', '') or '.'}); copy it here and run `kubetune plot "
-            "metrics.json`"
+            f"path {folder}); copy it here and run `kubetune plot metrics.json`"
         )
     try:
         train_history, eval_history = load_history(source)

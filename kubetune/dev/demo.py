@@ -48,7 +48,7 @@ def prepare_volumes(root: Path) -> None:
     shutil.copy(
         REPO / "examples" / "local" / "data" / "train.jsonl", root / "datasets" / "train.jsonl"
     )
-    shutil.rmtree(root / "models" / "out" / "support-bot", ignore_errors=True)
+    shutil.rmtree(root / "models" / "out", ignore_errors=True)  # earlier runs' folders
 
 
 def ensure_namespace(core: client.CoreV1Api, root: Path) -> None:
@@ -173,9 +173,11 @@ def main() -> None:
         )
         print(yaml.safe_dump({"spec": model["spec"]}, sort_keys=False))
 
-        output = root / "models" / "out" / "support-bot"
+        # The job's own folder on the output volume holds the model and the run's logs.
+        artifact = root / "models" / model["spec"]["artifact"]["volume"]["path"]
+        output = artifact.parent
         say("A sample generation from the trained adapter")
-        print(sample_generation(output / "model"))
+        print(sample_generation(artifact))
         png = REPO / "out" / "loss-curve.png"
         png.parent.mkdir(exist_ok=True)
         subprocess.run([*cli, "plot", str(output), "-o", str(png)], env=env, check=True)

@@ -82,7 +82,8 @@ class OperatorProcess:
             str(self.health_port),
         ]
         for flag, value in self.settings.items():
-            args += [f"--{flag.replace('_', '-')}", value]
+            # A boolean flag stands alone ("--leader-election"); the others take a value.
+            args += [f"--{flag.replace('_', '-')}"] + ([] if value == "" else [value])
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, env=python_env()

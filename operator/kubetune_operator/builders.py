@@ -38,8 +38,22 @@ RENDEZVOUS_PORT = 29500  # torchrun's default master port, served by the pod of 
 Obj = dict[str, Any]
 
 
+# Fields the operator acts on without a new Job: suspending patches the Job,
+# cancelling deletes it. Toggling them must not replace the Job (under Kueue that
+# would lose its Workload).
+_NOT_IN_POD = ("suspend", "cancel")
+
+
 def spec_hash(spec: FineTuningJobSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_api(), sort_keys=True).encode()).hexdigest()[:16]
+    """What the training pods are built from; changes to anything else keep the Job."""
+    document = {k: v for k, v in spec.to_api().items() if k not in _NOT_IN_POD}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_applied(job: Obj, spec: FineTuningJobSpec) -> bool:
+    """Whether this Job was built from the spec as it is now."""
+    annotations = job["metadata"].get("annotations") or {}
+    return annotations.get(naming.ANNOTATION_SPEC_HASH) == spec_hash(spec)
 
 
 def _meta(body: Obj, name: str, component: str, **extra: Any) -> Obj:
@@ -88,7 +102,8 @@ def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
             dataset=mounted_path(spec.dataset.volume)
             if spec.dataset.volume and spec.dataset.format in FILE_FORMATS
             else None,
-            output=mounted_path(spec.output.volume),
+            output=f"{mounted_path(spec.output.volume)}/"
+            f"{naming.output_folder(meta['name'], meta['uid'])}",
             cache=f"{CACHE_DIR}/huggingface",
         ),
         report=ReportTarget(config_map=naming.report_config_map_name(meta["name"])),

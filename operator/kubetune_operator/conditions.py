@@ -34,8 +34,20 @@ TRAINING_COMPLETE = "TrainingComplete"
 MODEL_REGISTERED = "ModelRegistered"
 REGISTRATION_DISABLED = "RegistrationDisabled"
 CANCELLED_BY_USER = "CancelledByUser"
+NAME_TAKEN = "NameTaken"  # the RegisteredModel's name records another job's model
+NAME_FREE = "NameFree"  # the name taken before is free again
+NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
+CREATE_REFUSED = "CreateRefused"  # the API server refused a child (quota, admission policy)
 
-WARNING_REASONS = {IMAGE_PULL_BACKOFF, UNSCHEDULABLE, PREEMPTED, RESTARTING}
+WARNING_REASONS = {
+    IMAGE_PULL_BACKOFF,
+    UNSCHEDULABLE,
+    PREEMPTED,
+    RESTARTING,
+    NAME_TAKEN,
+    NAME_CONFLICT,
+    CREATE_REFUSED,
+}
 
 
 class Conditions:

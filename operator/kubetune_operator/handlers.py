@@ -20,7 +20,8 @@ from urllib3.exceptions import HTTPError
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
 from kubetune_operator import metrics, naming
-from kubetune_operator.reconcile import Clients, reconcile
+from kubetune_operator.leader import LeaderElector, default_identity
+from kubetune_operator.reconcile import Blocked, Clients, reconcile
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.workqueue import Key, WorkQueue
 
@@ -34,11 +35,19 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     config: OperatorSettings = memo.config
     settings.posting.enabled = False  # we post our own events, one per transition
     settings.watching.server_timeout = 300
-    settings.peering.mandatory = bool(config.peering)
     settings.execution.max_workers = config.workers
     memo.queue = WorkQueue(on_depth=metrics.QUEUE_DEPTH.set)
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(memo.queue.run_timers())]
+    memo.elector = None
+    if config.leader_election:
+        memo.elector = LeaderElector(
+            memo.clients.api,
+            config.leader_election_namespace,
+            config.leader_election_id,
+            default_identity(),
+        )
+        memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
 
 
@@ -56,6 +65,8 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     for task in getattr(memo, "tasks", []):
         task.cancel()
+    if getattr(memo, "elector", None) is not None:
+        memo.elector.release()
     if getattr(memo, "executor", None):
         memo.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -64,11 +75,22 @@ async def _worker(memo: kopf.Memo) -> None:
     queue: WorkQueue = memo.queue
     clients: Clients = memo.clients
     config: OperatorSettings = memo.config
+    elector: LeaderElector | None = memo.elector
     loop = asyncio.get_running_loop()
     while True:
+        if elector is not None:
+            await elector.leading.wait()  # a standby only queues keys
         key = await queue.get()
+        if elector is not None and not elector.is_leader:
+            elector.leading.clear()
+            queue.done(key)
+            queue.add(key)  # for whoever leads next here
+            continue
         try:
             again = await loop.run_in_executor(memo.executor, reconcile, clients, config, *key)
+        except Blocked as blocked:
+            delay = queue.retry(key)
+            log.info("%s/%s is blocked (%s); looking again in %.1fs", *key, blocked, delay)
         except (ApiException, HTTPError, OSError) as err:
             delay = queue.retry(key)
             metrics.RECONCILES.labels("error").inc()
@@ -97,8 +119,10 @@ def _enqueue(memo: kopf.Memo, key: Key) -> None:
         queue.add(key)
 
 
+# The event handlers are coroutines on purpose: kopf runs plain functions in
+# executor threads, and the work queue is an asyncio object of the event loop.
 @kopf.on.event(GROUP, VERSION, ftj.PLURAL)
-def finetuningjob_changed(
+async def finetuningjob_changed(
     event: dict, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any
 ) -> None:
     if event.get("type") == "DELETED":
@@ -125,14 +149,16 @@ def _owner_from_references(body: kopf.Body) -> str | None:
 @kopf.on.event(
     "", "v1", "configmaps", labels={**MANAGED, naming.LABEL_COMPONENT: naming.COMPONENT_REPORT}
 )
-def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     owner = _owner_from_references(body)
     if owner:
         _enqueue(memo, (namespace, owner))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def pod_changed(annotations: kopf.Annotations, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def pod_changed(
+    annotations: kopf.Annotations, namespace: str, memo: kopf.Memo, **_: Any
+) -> None:
     owner = annotations.get(naming.ANNOTATION_OWNER)
     if owner:
         _enqueue(memo, (namespace, owner))

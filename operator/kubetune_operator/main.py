@@ -62,8 +62,9 @@ def run(settings: OperatorSettings) -> None:
             memo=memo,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
-            standalone=not settings.peering,
-            peering_name=settings.peering,
+            # Every replica watches (and queues keys); a Lease decides which one
+            # reconciles (kubetune_operator.leader), not kopf's peering.
+            standalone=True,
             liveness_endpoint=liveness,
         )
     )
@@ -76,7 +77,13 @@ def run(settings: OperatorSettings) -> None:
 @click.option("--trainer-image", help="Default trainer image.")
 @click.option("--metrics-port", type=int, help="Port of /metrics (0 disables).")
 @click.option("--health-port", type=int, help="Port of /healthz (0 disables).")
-@click.option("--peering", help="kopf peering name for several replicas (default: standalone).")
+@click.option(
+    "--leader-election/--no-leader-election",
+    default=None,
+    help="Elect one reconciling replica on a Lease (for several replicas).",
+)
+@click.option("--leader-election-id", help="Name of the leader-election Lease.")
+@click.option("--leader-election-namespace", help="Namespace of the leader-election Lease.")
 @click.option("--workers", type=int, help="Concurrent reconciles.")
 @click.option(
     "--image-pull-timeout",

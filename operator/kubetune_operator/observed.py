@@ -41,6 +41,23 @@ class Observed:
     report_config_map: Obj | None = None
     service_account: Obj | None = None
     registered_model: Obj | None = None
+    # A child that could not be created: (condition reason, message).
+    blocked: tuple[str, str] | None = None
+
+
+def controlled_by(obj: Obj, uid: str) -> bool:
+    """Whether `obj`'s controller is the object with this uid (the only owner we adopt)."""
+    return any(
+        ref.get("controller") and ref.get("uid") == uid
+        for ref in obj.get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def controller_of(obj: Obj) -> str:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return f"{ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+    return "no controller"
 
 
 def restart_of(obj: Obj) -> int:
@@ -59,6 +76,17 @@ def attempt_pods(job: Obj, pods: list[Obj]) -> list[Obj]:
         if not uid
         or any(ref.get("uid") == uid for ref in p["metadata"].get("ownerReferences") or [])
     ]
+
+
+STARTED_POD_PHASES = ("Running", "Succeeded", "Failed")
+
+
+def training_began(job: Obj, pods: list[Obj]) -> bool:
+    """Whether a trainer ran: a pod got past Pending, or the Job finished. Pending pods
+    (waiting for GPUs, say) have done nothing yet."""
+    if job_condition(job, "Complete") or job_condition(job, "Failed"):
+        return True
+    return any((p.get("status") or {}).get("phase") in STARTED_POD_PHASES for p in pods)
 
 
 def job_condition(job: Obj | None, type_: str) -> Obj | None:

@@ -23,6 +23,7 @@ class Plan:
     set_train_suspend: bool | None = None
     delete_train_job: bool = False
     wait_for_pods: bool = False  # delete the Job in the foreground: pods first
+    delete_validate_job: bool = False
     register: Obj | None = None
 
     def empty(self) -> bool:
@@ -31,6 +32,7 @@ class Plan:
             or self.replace_config
             or self.set_train_suspend is not None
             or self.delete_train_job
+            or self.delete_validate_job
             or self.register
         )
 
@@ -54,6 +56,9 @@ def plan(
         # Stop anything still running (cancelled, or failed while stuck pulling its image).
         if train is not None and not _finished(train):
             result.delete_train_job = True
+        validate = observed.validate_job
+        if validate is not None and not _finished(validate):
+            result.delete_validate_job = True
         return result
 
     if conds.is_true(c.SUCCEEDED):
@@ -88,6 +93,8 @@ def plan(
         return result
 
     queued = naming.KUEUE_QUEUE_LABEL in (body["metadata"].get("labels") or {})
+    if train is None and conds.reason(c.REGISTERED) == c.NAME_TAKEN:
+        return result  # no GPUs for a model that could not be registered
     if train is None:
         if builders.multi_pod(spec):
             result.create.append(builders.desired_rendezvous_service(body))
@@ -111,11 +118,11 @@ def plan(
         result.wait_for_pods = True
         return result
 
-    started = bool((train.get("status") or {}).get("startTime")) or bool(observed.train_pods)
-    current_hash = (train["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH)
-    if current_hash != builders.spec_hash(spec) and not started:
-        # The spec changed before training began: the Job's pod template is
-        # immutable, so start over with a new Job.
+    if not builders.spec_applied(train, spec) and not obs.training_began(
+        train, observed.train_pods
+    ):
+        # The spec changed before training began (pods may be Pending): the Job's pod
+        # template is immutable, so start over with a new Job.
         result.delete_train_job = True
         return result
 

@@ -7,6 +7,8 @@ function, already did), and writes status only when it changed.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import secrets
 import time
@@ -107,9 +109,11 @@ def observe(
         )
 
     registered = None
-    if obs.job_condition(train_job, "Complete") or any(
+    succeeded = obs.job_condition(train_job, "Complete") or any(
         cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions
-    ):
+    )
+    if succeeded or (train_job is None and spec.registration.enabled):
+        # Before training: is the name free? (No GPUs for a model that cannot be registered.)
         registered = _get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
 
     def component(pod: Obj) -> str:
@@ -147,8 +151,34 @@ def _get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj
         raise
 
 
-def _create(clients: Clients, obj: Obj) -> Obj:
-    """Create if absent; returns the object as it now exists (ours or one made before)."""
+class CreateBlocked(Exception):
+    """A child cannot be created until someone acts: its name is held by an object this
+    job does not control, or the API server refused it (quota, admission policy)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class Blocked(Exception):
+    """Raised after the status says what blocks the job: retry with back-off."""
+
+
+def _refusal(err: ApiException, kind: str, name: str) -> CreateBlocked:
+    try:
+        detail = json.loads(err.body or "{}").get("message") or err.reason
+    except (TypeError, ValueError):
+        detail = err.reason
+    return CreateBlocked(
+        c.CREATE_REFUSED,
+        f"the API server refused to create {kind} {name} ({err.status} {err.reason}: "
+        f"{str(detail)[:600]}); retrying with back-off",
+    )
+
+
+def _create(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
+    """Create if absent; returns the object as it now exists: ours, or one an earlier run
+    made. An object of the same name that this job does not control is never adopted."""
     kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     if kind == rm.KIND:
         group, version = obj["apiVersion"].split("/")
@@ -157,8 +187,11 @@ def _create(clients: Clients, obj: Obj) -> Obj:
                 group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
             )
         except ApiException as err:
+            if err.status in (403, 422):
+                raise _refusal(err, kind, name) from err
             if err.status != 409:
                 raise
+        # Whose record it is, the registration's status decides (sourceJob.uid).
         return clients.custom.get_namespaced_custom_object(
             group, version, namespace, rm.PLURAL, name
         )
@@ -185,17 +218,30 @@ def _create(clients: Clients, obj: Obj) -> Obj:
     try:
         return clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
     except ApiException as err:
+        if err.status in (403, 422):
+            raise _refusal(err, kind, name) from err
         if err.status != 409:
             raise
-    return clients.plain(read(name, namespace))
+    existing = clients.plain(read(name, namespace))
+    if not obs.controlled_by(existing, owner_uid):
+        # A stranger, or a child of an earlier job of the same name that garbage
+        # collection has not removed yet: taking it over would mix two jobs.
+        raise CreateBlocked(
+            c.NAME_CONFLICT,
+            f"{kind} {name} already exists and is controlled by {obs.controller_of(existing)}, "
+            "not by this FineTuningJob: kubetune does not adopt it, and creates its own once "
+            "the name is free (delete that object, or give the job another name)",
+        )
+    return existing
 
 
 def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -> Observed:
     """Make the planned changes; returns the observation updated with their results."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    uid = body["metadata"]["uid"]
     updates: dict[str, Any] = {}
     for obj in changes.create:
-        created = _create(clients, obj)
+        created = _create(clients, obj, uid)
         if obj["kind"] == "Job":
             key = (
                 "train_job"
@@ -232,8 +278,18 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
         if not changes.wait_for_pods:  # in the foreground, the Job stays until its pods go
             updates["train_job"] = None
             updates["train_pods"] = []
+    if changes.delete_validate_job:
+        try:
+            clients.batch.delete_namespaced_job(
+                naming.validate_job_name(name), namespace, propagation_policy="Background"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+        updates["validate_job"] = None
+        updates["validate_pods"] = []
     if changes.register is not None:
-        updates["registered_model"] = _create(clients, changes.register)
+        updates["registered_model"] = _create(clients, changes.register, uid)
     return replace(observed, **updates)
 
 
@@ -321,13 +377,23 @@ def reconcile(
         if err.status == 404:
             return None  # deleted: owner references take its children with it
         raise
-    try:
-        previous = FineTuningJobStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        previous = FineTuningJobStatus()
+    previous = parse_status(body.get("status") or {})
+    if previous is None:
+        # Never guess: an empty status would train a finished job again.
+        _post_event(
+            clients,
+            body,
+            "Warning",
+            "StatusUnreadable",
+            "the operator cannot read this job's status (written by another version?); "
+            "it leaves the job alone until an operator that can read it runs",
+        )
+        return None
     try:
         spec = FineTuningJobSpec.model_validate(body["spec"])
     except ValidationError as err:
+        if is_terminal(previous):
+            return None  # a finished record stays as it ended
         status = _invalid_spec_status(body, previous, err)
         _write_status(clients, body, previous, status)
         return None
@@ -336,16 +402,45 @@ def reconcile(
     status = derive_status(body, spec, previous, observed, settings)
     changes = plan(body, spec, status, observed, settings)
     if not changes.empty():
-        observed = apply_plan(clients, body, changes, observed)
+        try:
+            observed = apply_plan(clients, body, changes, observed)
+        except CreateBlocked as blocked:
+            observed = replace(observed, blocked=(blocked.reason, blocked.message))
         # Build on the status just derived: what the plan removed (a stuck Job
         # of a failed run, say) must not erase what was learnt from it.
         status = derive_status(body, spec, status, observed, settings)
     _write_status(clients, body, previous, status)
     metrics.observe_reconcile(namespace, name, status.phase.value, time.monotonic() - started)
+    if observed.blocked is not None:
+        raise Blocked(observed.blocked[1])
     if is_terminal(status):
         return None  # finished: only a change to the object brings it back
     delay = next_check_in(status, observed, settings)
     return delay.total_seconds() if delay else float(settings.resync_seconds)
+
+
+def parse_status(raw: Obj) -> FineTuningJobStatus | None:
+    """The recorded status, ignoring fields this version does not know (written by a
+    newer operator before a rollback, say); None when what it knows cannot be read."""
+    candidate = copy.deepcopy(raw)
+    for _ in range(50):
+        try:
+            return FineTuningJobStatus.model_validate(candidate)
+        except ValidationError as err:
+            unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+            if not unknown or len(unknown) != len(err.errors()):
+                log.error("unreadable status: %s", err.errors()[:3])
+                return None
+            for loc in unknown:
+                _drop(candidate, loc)
+    return None
+
+
+def _drop(document: Any, loc: tuple) -> None:
+    for key in loc[:-1]:
+        document = document[key]
+    if isinstance(document, dict):
+        document.pop(loc[-1], None)
 
 
 def _write_status(

@@ -73,9 +73,11 @@ def desired_registered_model(
     meta = body["metadata"]
     name = registered_model_name(body, spec)
     output = spec.output.volume
+    folder = naming.output_folder(meta["name"], meta["uid"])
 
     def under_output(path: str) -> VolumeLocation:
-        joined = "/".join(p for p in (output.path.strip("/"), path.strip("/")) if p)
+        """The trainer reports paths relative to the job's own folder of the output."""
+        joined = "/".join(p for p in (output.path.strip("/"), folder, path.strip("/")) if p)
         return VolumeLocation(claim_name=output.claim_name, path=joined)
 
     artifact = rm.Artifact(

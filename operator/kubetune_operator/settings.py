@@ -35,8 +35,15 @@ class OperatorSettings(BaseModel):
     workers: int = Field(default=8, description="Concurrent reconciles.")
     metrics_port: int = Field(default=8080, description="Port of /metrics (0 disables).")
     health_port: int = Field(default=8081, description="Port of /healthz (0 disables).")
-    peering: str | None = Field(
-        default=None, description="kopf peering name for HA (unset: standalone)."
+    leader_election: bool = Field(
+        default=False,
+        description="Elect one reconciling replica on a Lease (several replicas for HA).",
+    )
+    leader_election_id: str = Field(
+        default="kubetune-operator", description="Name of the leader-election Lease."
+    )
+    leader_election_namespace: str = Field(
+        default="default", description="Namespace of the leader-election Lease."
     )
     kubeconfig: str | None = Field(
         default=None, description="Kubeconfig path (unset: in-cluster or default)."

@@ -21,7 +21,7 @@ from kubetune.api.finetuningjob import (
     Progress,
     ResolvedHyperparameters,
 )
-from kubetune_operator import builders, failures
+from kubetune_operator import builders, failures, naming
 from kubetune_operator import conditions as c
 from kubetune_operator import observed as obs
 from kubetune_operator.observed import Observed
@@ -103,21 +103,42 @@ def _phase(conds: c.Conditions, spec: FineTuningJobSpec, observed: Observed) -> 
     return Phase.PENDING
 
 
-def _hyperparameters(spec: FineTuningJobSpec, observed: Observed) -> ResolvedHyperparameters:
+def _hyperparameters(
+    spec: FineTuningJobSpec, observed: Observed, recorded: ResolvedHyperparameters | None
+) -> ResolvedHyperparameters:
     """What the trainer reported it trains with (it resolves auto again on its hardware
-    and model), else what the operator resolved from the spec."""
+    and model); before any report, what the existing Job was built with (recorded when
+    it was created, never recomputed by a later operator); with no Job yet, what the
+    operator resolves from the spec."""
     result = obs.result_report(observed) if observed.train_job is not None else None
     if result is not None and result.hyperparameters is not None:
         return result.hyperparameters
     progress = obs.progress_report(observed.report)
     if progress is not None and progress.hyperparameters is not None:
         return progress.hyperparameters
+    if observed.train_job is not None and recorded is not None:
+        return recorded
     return resolve_hyperparameters(spec)
 
 
-def _artifact(spec: FineTuningJobSpec, path: str, kind: str, digest: str) -> ArtifactStatus:
+def _trainer_image(observed: Observed, would_be: str) -> str:
+    """The image of the training Job that exists; before it, the one it would get."""
+    job = observed.train_job
+    if job is not None:
+        template = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+        containers = template.get("containers") or []
+        if containers and containers[0].get("image"):
+            return containers[0]["image"]
+    return would_be
+
+
+def _artifact(
+    spec: FineTuningJobSpec, folder: str, path: str, kind: str, digest: str
+) -> ArtifactStatus:
+    """Where the trained model is on the output volume: the trainer reports it relative to
+    the job's own folder there."""
     base = spec.output.volume
-    joined = "/".join(p for p in (base.path.strip("/"), path.strip("/")) if p)
+    joined = "/".join(p for p in (base.path.strip("/"), folder, path.strip("/")) if p)
     return ArtifactStatus(
         volume=VolumeLocation(claim_name=base.claim_name, path=joined), kind=kind, digest=digest
     )
@@ -135,21 +156,27 @@ def derive_status(
     generation = meta.get("generation", 1)
     now = observed.now
     status = previous.model_copy(deep=True)
+    train = observed.train_job
+    if not is_terminal(previous) and train is not None and not builders.spec_applied(train, spec):
+        # Training began before an edit could be applied (the API refuses edits once
+        # status.startTime is set, not before): observedGeneration keeps saying which
+        # generation the running Job is.
+        generation = previous.observed_generation or generation
     conds = c.Conditions(previous.conditions, generation, now)
-
     status.observed_generation = generation
-    status.trainer_image = spec.image or settings.trainer_image
-    if status.hyperparameters is None or not is_terminal(previous):
-        status.hyperparameters = _hyperparameters(spec, observed)
-        status.world_size = status.hyperparameters.world_size
-    if observed.train_job is not None:
-        status.job_name = observed.train_job["metadata"]["name"]
 
     if is_terminal(previous):
+        # A finished record: what it trained with was written while it ran.
         _finish_registration(status, conds, spec, observed, meta["uid"])
         status.conditions = conds.as_list()
         status.phase = _phase(conds, spec, observed)
         return status
+
+    status.trainer_image = _trainer_image(observed, spec.image or settings.trainer_image)
+    status.hyperparameters = _hyperparameters(spec, observed, previous.hyperparameters)
+    status.world_size = status.hyperparameters.world_size
+    if train is not None:
+        status.job_name = train["metadata"]["name"]
 
     status.progress = _progress(observed, previous.progress)
     if spec.cancel:
@@ -167,13 +194,17 @@ def derive_status(
 
     failure = _validation(status, conds, spec, observed)
     if failure is None:
-        failure = _training(status, conds, spec, observed, settings)
+        folder = naming.output_folder(meta["name"], meta["uid"])
+        failure = _training(status, conds, spec, observed, settings, folder)
     if failure is not None:
         status.failure = failure
         conds.set(c.FAILED, True, failure.reason.value, failure.message)
         conds.set(c.RUNNING, False, c.STOPPED, "the job failed")
         status.completion_time = status.completion_time or now
     _finish_registration(status, conds, spec, observed, meta["uid"])
+    if observed.blocked is not None:
+        reason, message = observed.blocked
+        conds.set(c.RUNNING, False, reason, message)
     status.conditions = conds.as_list()
     status.phase = _phase(conds, spec, observed)
     return status
@@ -223,6 +254,7 @@ def _training(
     spec: FineTuningJobSpec,
     observed: Observed,
     settings: OperatorSettings,
+    folder: str,
 ) -> Failure | None:
     job = observed.train_job
     pods = observed.train_pods
@@ -246,6 +278,10 @@ def _training(
         conds.set(c.RUNNING, False, c.NOT_STARTED, "the training Job is being created")
         return None
 
+    if obs.training_began(job, pods) and status.start_time is None:
+        # Also for a job that finished between two looks: the API's immutability rule
+        # keys on startTime.
+        status.start_time = _time((job.get("status") or {}).get("startTime")) or observed.now
     if obs.job_condition(job, "Complete"):
         conds.set(c.RUNNING, False, c.TRAINING_COMPLETE, "training finished")
         result = obs.result_report(observed)
@@ -258,7 +294,7 @@ def _training(
         status.metrics = dict(result.metrics)
         status.dataset_digest = result.dataset_digest or status.dataset_digest
         status.artifact = _artifact(
-            spec, result.artifact.path, result.artifact.kind, result.artifact.digest
+            spec, folder, result.artifact.path, result.artifact.kind, result.artifact.digest
         )
         status.progress = _completed_progress(status.progress)
         finished = obs.job_condition(job, "Complete") or {}
@@ -301,8 +337,6 @@ def _training(
 
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:
-        started = _time((job.get("status") or {}).get("startTime")) or observed.now
-        status.start_time = status.start_time or started
         conds.set(
             c.RUNNING,
             True,
@@ -365,32 +399,59 @@ def _finish_registration(
     observed: Observed,
     uid: str,
 ) -> None:
+    model = observed.registered_model
     if not conds.is_true(c.SUCCEEDED):
+        # Checked before any GPU is requested: the plan creates no training Job
+        # while the name records another job's model.
+        if spec.registration.enabled and model is not None and _source_uid(model) != uid:
+            conds.set(
+                c.REGISTERED,
+                False,
+                c.NAME_TAKEN,
+                f"RegisteredModel {model['metadata']['name']} already records the model of "
+                f"{_source_name(model)}: set spec.registration.modelName (or suffix) to a free "
+                "name; training starts once the name is free",
+            )
+        elif conds.reason(c.REGISTERED) == c.NAME_TAKEN:
+            conds.set(
+                c.REGISTERED, None, c.NAME_FREE, "the model is registered when training succeeds"
+            )
         return
     if not spec.registration.enabled:
         conds.set(
             c.REGISTERED, False, c.REGISTRATION_DISABLED, "spec.registration.enabled is false"
         )
         return
-    model = observed.registered_model
     if model is None:
         return
     name = model["metadata"]["name"]
-    owner_uid = ((model.get("spec") or {}).get("sourceJob") or {}).get("uid")
-    if owner_uid != uid:
-        message = (
-            f"RegisteredModel {name} already records another job's model: set "
-            "spec.registration.modelName or suffix to a free name"
+    if _source_uid(model) != uid:
+        # Taken while this job trained: nothing is lost, the weights stay where the
+        # status says, and registration happens once the name is free.
+        artifact = status.artifact.volume if status.artifact else None
+        where = f" ({artifact.claim_name}:{artifact.path})" if artifact else ""
+        conds.set(
+            c.REGISTERED,
+            False,
+            c.NAME_TAKEN,
+            f"RegisteredModel {name} already records the model of {_source_name(model)}: delete "
+            f"it (or register this job's weights{where} under another name with the SDK or "
+            "CLI); kubetune registers this model as soon as the name is free",
         )
-        conds.set(c.REGISTERED, False, "NameTaken", message)
-        if not conds.is_true(c.FAILED):
-            status.failure = Failure(reason=FailureReason.REGISTRATION_FAILED, message=message)
-            conds.set(c.FAILED, True, FailureReason.REGISTRATION_FAILED.value, message)
         return
     status.registered_model = name
     conds.set(
         c.REGISTERED, True, c.MODEL_REGISTERED, f"RegisteredModel {name} records the trained model"
     )
+
+
+def _source_uid(model: dict) -> str | None:
+    return ((model.get("spec") or {}).get("sourceJob") or {}).get("uid")
+
+
+def _source_name(model: dict) -> str:
+    source = (model.get("spec") or {}).get("sourceJob") or {}
+    return f"FineTuningJob {source.get('name', '?')} (uid {source.get('uid', '?')})"
 
 
 def _metrics_message(metrics: dict[str, float]) -> str:

@@ -117,8 +117,9 @@ def test_success_path_validates_trains_reports_progress_and_registers(kube: Kube
     assert spec["baseModel"]["name"] == "kubetune/tiny-llama"
     assert spec["method"] == "LORA"
     assert spec["adapter"]["lora"]["rank"] == 8
+    folder = f"support-bot-{job['metadata']['uid'].split('-')[0]}"  # the job's own folder
     assert spec["artifact"] == {
-        "volume": {"claimName": "models", "path": "out/model"},
+        "volume": {"claimName": "models", "path": f"out/{folder}/model"},
         "kind": "adapter",
         "digest": ft.RESULT.artifact.digest,
     }

@@ -39,6 +39,10 @@ class Kube:
         return client.RbacAuthorizationV1Api(self.api)
 
     @property
+    def api_coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self.api)
+
+    @property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api)
 

@@ -63,26 +63,22 @@ CRD_DISCOVERY = {
     "verbs": ["list", "watch"],
 }
 NAMESPACE_DISCOVERY = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
-CLUSTER_PEERING = {
-    "apiGroups": ["kopf.dev"],
-    "resources": ["clusterkopfpeerings"],
-    "verbs": ["list", "watch", "patch"],
-}
-NAMESPACED_PEERING = {
-    "apiGroups": ["kopf.dev"],
-    "resources": ["kopfpeerings"],
-    "verbs": ["list", "watch", "patch"],
-}
+LEASE_RULES = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "resourceNames": [FULLNAME],
+        "verbs": ["get", "update"],
+    },
+]
 
 VALUE_SETS: dict[str, Obj] = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
-    "peering": {"peering": {"enabled": True}, "replicaCount": 2},
-    "namespaced-peering": {
-        "watchNamespaces": ["team-a"],
-        "peering": {"enabled": True},
-        "replicaCount": 3,
-    },
+    "ha": {"replicaCount": 2},
+    "namespaced-ha": {"watchNamespaces": ["team-a"], "replicaCount": 3},
+    "no-leader-election": {"leaderElection": {"enabled": False}},
     "everything": {
         "metrics": {"serviceMonitor": {"enabled": True}},
         "networkPolicy": {"enabled": True},
@@ -197,10 +193,19 @@ def test_schema_rejects_bad_values(
     assert message in result.stderr, result.stderr
 
 
-def test_several_replicas_need_peering(helm_bin: str) -> None:
-    result = _run(helm_bin, "template", RELEASE, str(CHART), "--set", "replicaCount=2")
+def test_several_replicas_need_leader_election(helm_bin: str) -> None:
+    result = _run(
+        helm_bin,
+        "template",
+        RELEASE,
+        str(CHART),
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "leaderElection.enabled=false",
+    )
     assert result.returncode != 0
-    assert "peering.enabled" in result.stderr
+    assert "leaderElection.enabled" in result.stderr
 
 
 # -- what is rendered ------------------------------------------------------------------------
@@ -217,6 +222,8 @@ def test_default_objects(render) -> None:
             ("CustomResourceDefinition", "finetuningjobs.kubetune.dev"),
             ("CustomResourceDefinition", "registeredmodels.kubetune.dev"),
             ("Deployment", FULLNAME),
+            ("Role", f"{FULLNAME}-leader-election"),
+            ("RoleBinding", f"{FULLNAME}-leader-election"),
             ("Service", f"{FULLNAME}-metrics"),
             ("ServiceAccount", FULLNAME),
         ]
@@ -245,7 +252,8 @@ def test_deployment_is_restricted_and_probed(render) -> None:
     deployment = _one(render(), "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Leader election (on by default) lets the new pod start before the old one goes.
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert pod["serviceAccountName"] == FULLNAME
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -288,7 +296,6 @@ def test_environment_maps_to_the_operator_settings(render, monkeypatch) -> None:
                 "finishedJobTTLSeconds": 600,
                 "imagePullTimeoutSeconds": 42,
             },
-            "peering": {"enabled": True},
             "replicaCount": 2,
         }
     )
@@ -297,17 +304,22 @@ def test_environment_maps_to_the_operator_settings(render, monkeypatch) -> None:
     for name in env:
         if name.startswith("KUBETUNE_"):
             assert name.removeprefix("KUBETUNE_").lower() in fields, name
-    assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KUBETUNE_LEADER_ELECTION_NAMESPACE"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
     for name, value in env.items():
-        if name.startswith("KUBETUNE_"):
+        if name.startswith("KUBETUNE_") and isinstance(value, str):
             monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KUBETUNE_LEADER_ELECTION_NAMESPACE", NAMESPACE)
     settings = settings_from_env()
     assert settings.namespaces == ["team-a", "team-b"]
     assert settings.trainer_image == "example.org/trainer:1"
     assert settings.workers == 3
     assert settings.finished_job_ttl_seconds == 600
     assert settings.image_pull_timeout_seconds == 42
-    assert settings.peering == FULLNAME
+    assert settings.leader_election is True
+    assert settings.leader_election_id == FULLNAME
+    assert settings.leader_election_namespace == NAMESPACE
     assert settings.metrics_port == 8080
     assert settings.health_port == 8081
     assert settings.kubeconfig is None
@@ -315,15 +327,16 @@ def test_environment_maps_to_the_operator_settings(render, monkeypatch) -> None:
 
 def test_default_settings_match_the_operator_defaults(render, monkeypatch) -> None:
     for name, value in _env(render()).items():
-        if name.startswith("KUBETUNE_"):
+        if name.startswith("KUBETUNE_") and isinstance(value, str):
             monkeypatch.setenv(name, value)
     rendered = settings_from_env()
     defaults = OperatorSettings()
     assert rendered.namespaces == []
     assert "KUBETUNE_NAMESPACES" not in _env(render())
-    assert rendered.peering is None
+    assert rendered.leader_election is True  # the chart's default; a local run's is off
+    elected = ("leader_election", "leader_election_id", "leader_election_namespace")
     for field in OperatorSettings.model_fields:
-        if field not in ("namespaces", "peering", "kubeconfig"):
+        if field not in ("namespaces", "kubeconfig", *elected):
             assert getattr(rendered, field) == getattr(defaults, field), field
 
 
@@ -344,18 +357,25 @@ def test_clusterwide_rbac_is_exactly_what_the_operator_uses(render) -> None:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
         ]
-    assert not _of_kind(objects, "Role")
-    assert not _of_kind(objects, "RoleBinding")
+    # Namespaced rights only for the leader-election Lease.
+    assert [r["metadata"]["name"] for r in _of_kind(objects, "Role")] == [
+        f"{FULLNAME}-leader-election"
+    ]
+    assert len(_of_kind(objects, "RoleBinding")) == 1
+
+
+def _workload_rbac(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in _of_kind(objects, kind) if not o["metadata"]["name"].endswith("-election")]
 
 
 def test_watched_namespaces_get_roles_and_no_cluster_role(render) -> None:
     objects = render(VALUE_SETS["namespaced"])
-    roles = _of_kind(objects, "Role")
+    roles = _workload_rbac(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert role["metadata"]["name"] == FULLNAME
         assert role["rules"] == OPERATOR_RULES
-    bindings = _of_kind(objects, "RoleBinding")
+    bindings = _workload_rbac(objects, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -398,7 +418,8 @@ def test_rbac_never_grants_more(render, name: str) -> None:
         for rule in obj["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
             assert "*" not in rule["apiGroups"], rule
-            assert "resourceNames" not in rule, rule
+            if "resourceNames" in rule:  # narrower, never wider: only the one Lease
+                assert rule["resources"] == ["leases"], rule
             for group, resource, verbs in FORBIDDEN:
                 if group in rule["apiGroups"] and resource in rule["resources"]:
                     assert verbs is not None, f"{obj['metadata']['name']} grants {resource}"
@@ -487,47 +508,32 @@ def test_crds_can_be_left_out_or_not_kept(render) -> None:
         assert "annotations" not in obj["metadata"]
 
 
-# -- peering ---------------------------------------------------------------------------------
+# -- leader election -------------------------------------------------------------------------
 
 
-def test_clusterwide_peering(render) -> None:
-    objects = render(VALUE_SETS["peering"])
-    assert _one(objects, "Deployment")["spec"]["replicas"] == 2
-    assert _one(objects, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert _env(objects)["KUBETUNE_PEERING"] == FULLNAME
-    crds = {o["metadata"]["name"]: o for o in _of_kind(objects, "CustomResourceDefinition")}
-    assert crds["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
-    assert crds["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
-    for name in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-        [version] = crds[name]["spec"]["versions"]
-        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
-        assert status["x-kubernetes-preserve-unknown-fields"] is True
-    peering = _one(objects, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == FULLNAME
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    assert _one(objects, "ClusterRole", f"{FULLNAME}-kopf")["rules"] == [
-        CRD_DISCOVERY,
-        CLUSTER_PEERING,
-    ]
-    assert not _of_kind(objects, "KopfPeering")
-
-
-def test_namespaced_peering(render) -> None:
-    objects = render(VALUE_SETS["namespaced-peering"])
-    [peering] = _of_kind(objects, "KopfPeering")
-    assert peering["metadata"]["namespace"] == "team-a"
-    assert peering["metadata"]["name"] == FULLNAME
-    [role] = _of_kind(objects, "Role")
-    assert role["rules"] == [*OPERATOR_RULES, NAMESPACED_PEERING]
-    assert not _of_kind(objects, "ClusterKopfPeering")
-
-
-def test_no_peering_objects_by_default(render) -> None:
-    kinds = {o["kind"] for o in render()}
-    assert not kinds & {"KopfPeering", "ClusterKopfPeering"}
-    assert "KUBETUNE_PEERING" not in _env(render())
-    names = {o["metadata"]["name"] for o in _of_kind(render(), "CustomResourceDefinition")}
+@pytest.mark.parametrize("name", ["ha", "namespaced-ha"])
+def test_several_replicas_elect_a_leader_on_one_lease(render, name: str) -> None:
+    objects = render(VALUE_SETS[name])
+    deployment = _one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] in (2, 3)
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = _env(objects)
+    assert env["KUBETUNE_LEADER_ELECTION"] == "true"
+    assert env["KUBETUNE_LEADER_ELECTION_ID"] == FULLNAME
+    role = _one(objects, "Role", f"{FULLNAME}-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == LEASE_RULES
+    binding = _one(objects, "RoleBinding", f"{FULLNAME}-leader-election")
+    assert binding["roleRef"]["name"] == f"{FULLNAME}-leader-election"
+    names = {o["metadata"]["name"] for o in _of_kind(objects, "CustomResourceDefinition")}
     assert not any(name.endswith(".kopf.dev") for name in names)
+
+
+def test_without_leader_election_one_replica_replaces_the_other(render) -> None:
+    objects = render(VALUE_SETS["no-leader-election"])
+    assert _one(objects, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+    assert "KUBETUNE_LEADER_ELECTION" not in _env(objects)
+    assert not [o for o in _of_kind(objects, "Role") if "leader" in o["metadata"]["name"]]
 
 
 # -- documentation ---------------------------------------------------------------------------

@@ -51,8 +51,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "ghcr.io/kubetune/trainer:%s" .Chart.AppVersion) .Values.operator.trainerImage -}}
 {{- end -}}
 
-{{- define "kubetune.peeringName" -}}
-{{- default (include "kubetune.fullname" .) .Values.peering.name -}}
+{{- define "kubetune.leaseName" -}}
+{{- default (include "kubetune.fullname" .) .Values.leaderElection.leaseName -}}
 {{- end -}}
 
 {{/* Cluster-wide when no namespace is listed. */}}
@@ -105,11 +105,4 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- end -}}
-
-{{- define "kubetune.namespacedPeeringRules" -}}
-# kopf peering: every replica watches and touches the peering object.
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
 {{- end -}}

@@ -124,7 +124,8 @@ def test_trainer_config_maps_volumes_to_mounts() -> None:
     config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
     assert config.paths.base_model == "/mnt/volumes/models/tiny"
     assert config.paths.dataset == "/mnt/volumes/data/train.jsonl"
-    assert config.paths.output == "/mnt/volumes/models/out/run-1"
+    # Its own folder: no other job (another name, or this name created again) shares it.
+    assert config.paths.output == "/mnt/volumes/models/out/run-1/run-1-uid"
     assert config.report.config_map == "run-1-report"
     assert config.hyperparameters.epochs == 3
     mounts = {m["mountPath"]: m for m in container(train_job(body))["volumeMounts"]}

@@ -135,7 +135,7 @@ def test_success_records_metrics_and_waits_for_registration() -> None:
     assert conds(status)[c.SUCCEEDED].status == "True"
     assert status.phase == Phase.RUNNING  # not registered yet
     assert status.metrics == {"train_loss": 1.5, "eval_loss": 1.7}
-    assert status.artifact.volume.path == "out/run-1/model"
+    assert status.artifact.volume.path == "out/run-1/run-1-uid/model"
     changes = plan(make_body(), parse(make_body()), status, Observed(now=NOW, **observed), SETTINGS)
     model = changes.register
     assert model["metadata"]["name"] == "run-1"
@@ -167,9 +167,22 @@ def test_registration_refuses_a_name_taken_by_another_job() -> None:
         report={"result": RESULT.model_dump_json(by_alias=True)},
         registered_model=other,
     )
-    assert status.phase == Phase.FAILED
-    assert status.failure.reason == "RegistrationFailed"
-    assert "modelName" in status.failure.message
+    # Taken while the job trained: nothing is lost, the job is not failed, and the
+    # fix named is one the API accepts after training (the spec is frozen by then).
+    assert status.failure is None and status.phase == Phase.RUNNING
+    registered = conds(status)["Registered"]
+    assert (registered.status, registered.reason) == ("False", "NameTaken")
+    assert "delete it" in registered.message and "out/run-1/run-1-uid/model" in registered.message
+    assert (
+        plan(
+            make_body(),
+            parse(make_body()),
+            status,
+            Observed(now=NOW, train_job=done, registered_model=other),
+            SETTINGS,
+        ).register
+        is None
+    )
 
 
 def test_success_without_result_is_a_failure() -> None:
