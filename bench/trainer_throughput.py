@@ -15,7 +15,10 @@
    each in its own process: on CPU the peak resident set while training (VmHWM
    reset after loading), on GPU torch's peak allocated memory.
 
-    python bench/trainer_throughput.py [--model smollm2|tiny|both] [--skip-memory]
+    python bench/trainer_throughput.py [--model smollm2|tiny|both] [--skip-memory] [--repeats N]
+
+On a shared or throttled machine one pass can be off by 20% either way: with
+`--repeats N` every contender runs N times, interleaved, and the best is kept.
 """
 
 from __future__ import annotations

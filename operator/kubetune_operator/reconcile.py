@@ -8,15 +8,11 @@ function, already did), and writes status only when it changed.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import secrets
 import time
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
 
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
@@ -33,6 +29,16 @@ from kubetune.api.finetuningjob import (
 from kubetune_operator import conditions as c
 from kubetune_operator import metrics, naming
 from kubetune_operator import observed as obs
+from kubetune_operator.children import (
+    Blocked,
+    Clients,
+    CreateBlocked,
+    create_child,
+    get_custom,
+    get_or_none,
+    post_event,
+    utcnow,
+)
 from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.plan import Plan, plan
 from kubetune_operator.registration import registered_model_name
@@ -41,25 +47,7 @@ from kubetune_operator.status import derive_status, is_terminal, next_check_in
 
 log = logging.getLogger("kubetune.operator")
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-@dataclass
-class Clients:
-    """The typed API groups the operator uses, on one ApiClient."""
-
-    api: client.ApiClient
-
-    def __post_init__(self) -> None:
-        self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.rbac = client.RbacAuthorizationV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-
-    def plain(self, obj: Any) -> Obj:
-        return self.api.sanitize_for_serialization(obj)
+__all__ = ["Blocked", "Clients", "reconcile"]
 
 
 def observe(
@@ -101,7 +89,7 @@ def observe(
         )
         service_account = accounts["items"][0] if accounts["items"] else None
     else:
-        report_map = _get(
+        report_map = get_or_none(
             clients.core.read_namespaced_config_map,
             clients,
             naming.report_config_map_name(name),
@@ -114,7 +102,7 @@ def observe(
     )
     if succeeded or (train_job is None and spec.registration.enabled):
         # Before training: is the name free? (No GPUs for a model that cannot be registered.)
-        registered = _get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
+        registered = get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
 
     def component(pod: Obj) -> str:
         return (pod["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT, "")
@@ -133,115 +121,13 @@ def observe(
     )
 
 
-def _get(read: Any, clients: Clients, name: str, namespace: str) -> Obj | None:
-    try:
-        return clients.plain(read(name, namespace))
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-def _get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj | None:
-    try:
-        return clients.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-class CreateBlocked(Exception):
-    """A child cannot be created until someone acts: its name is held by an object this
-    job does not control, or the API server refused it (quota, admission policy)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
-class Blocked(Exception):
-    """Raised after the status says what blocks the job: retry with back-off."""
-
-
-def _refusal(err: ApiException, kind: str, name: str) -> CreateBlocked:
-    try:
-        detail = json.loads(err.body or "{}").get("message") or err.reason
-    except (TypeError, ValueError):
-        detail = err.reason
-    return CreateBlocked(
-        c.CREATE_REFUSED,
-        f"the API server refused to create {kind} {name} ({err.status} {err.reason}: "
-        f"{str(detail)[:600]}); retrying with back-off",
-    )
-
-
-def _create(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
-    """Create if absent; returns the object as it now exists: ours, or one an earlier run
-    made. An object of the same name that this job does not control is never adopted."""
-    kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-    if kind == rm.KIND:
-        group, version = obj["apiVersion"].split("/")
-        try:
-            return clients.custom.create_namespaced_custom_object(
-                group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
-            )
-        except ApiException as err:
-            if err.status in (403, 422):
-                raise _refusal(err, kind, name) from err
-            if err.status != 409:
-                raise
-        # Whose record it is, the registration's status decides (sourceJob.uid).
-        return clients.custom.get_namespaced_custom_object(
-            group, version, namespace, rm.PLURAL, name
-        )
-    create, read = {
-        "ConfigMap": (
-            clients.core.create_namespaced_config_map,
-            clients.core.read_namespaced_config_map,
-        ),
-        "ServiceAccount": (
-            clients.core.create_namespaced_service_account,
-            clients.core.read_namespaced_service_account,
-        ),
-        "Role": (clients.rbac.create_namespaced_role, clients.rbac.read_namespaced_role),
-        "RoleBinding": (
-            clients.rbac.create_namespaced_role_binding,
-            clients.rbac.read_namespaced_role_binding,
-        ),
-        "Job": (clients.batch.create_namespaced_job, clients.batch.read_namespaced_job),
-        "Service": (
-            clients.core.create_namespaced_service,
-            clients.core.read_namespaced_service,
-        ),
-    }[kind]
-    try:
-        return clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
-    except ApiException as err:
-        if err.status in (403, 422):
-            raise _refusal(err, kind, name) from err
-        if err.status != 409:
-            raise
-    existing = clients.plain(read(name, namespace))
-    if not obs.controlled_by(existing, owner_uid):
-        # A stranger, or a child of an earlier job of the same name that garbage
-        # collection has not removed yet: taking it over would mix two jobs.
-        raise CreateBlocked(
-            c.NAME_CONFLICT,
-            f"{kind} {name} already exists and is controlled by {obs.controller_of(existing)}, "
-            "not by this FineTuningJob: kubetune does not adopt it, and creates its own once "
-            "the name is free (delete that object, or give the job another name)",
-        )
-    return existing
-
-
 def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -> Observed:
     """Make the planned changes; returns the observation updated with their results."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     uid = body["metadata"]["uid"]
     updates: dict[str, Any] = {}
     for obj in changes.create:
-        created = _create(clients, obj, uid)
+        created = create_child(clients, obj, uid)
         if obj["kind"] == "Job":
             key = (
                 "train_job"
@@ -289,7 +175,7 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
         updates["validate_job"] = None
         updates["validate_pods"] = []
     if changes.register is not None:
-        updates["registered_model"] = _create(clients, changes.register, uid)
+        updates["registered_model"] = create_child(clients, changes.register, uid)
     return replace(observed, **updates)
 
 
@@ -304,44 +190,13 @@ def _events(
         warning = (
             cond.type == c.FAILED and cond.status == "True"
         ) or cond.reason in c.WARNING_REASONS
-        _post_event(
+        post_event(
             clients,
             body,
             "Warning" if warning else "Normal",
             cond.reason,
             cond.message or cond.type,
         )
-
-
-def _post_event(clients: Clients, body: Obj, kind: str, reason: str, message: str) -> None:
-    meta = body["metadata"]
-    now = utcnow()
-    event = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(
-            name=f"{meta['name'][:200]}.{secrets.token_hex(8)}", namespace=meta["namespace"]
-        ),
-        involved_object=client.V1ObjectReference(
-            api_version=body["apiVersion"],
-            kind=body["kind"],
-            name=meta["name"],
-            namespace=meta["namespace"],
-            uid=meta["uid"],
-            resource_version=meta.get("resourceVersion"),
-        ),
-        reason=reason,
-        message=message[:1024],
-        type=kind,
-        first_timestamp=now,
-        last_timestamp=now,
-        count=1,
-        source=client.V1EventSource(component=naming.MANAGER),
-        reporting_component=naming.MANAGER,
-        reporting_instance=naming.MANAGER,
-    )
-    try:
-        clients.core.create_namespaced_event(meta["namespace"], event)
-    except ApiException as err:  # events are best effort
-        log.warning("could not post event %s for %s: %s", reason, meta["name"], err.reason)
 
 
 def _invalid_spec_status(
@@ -380,7 +235,7 @@ def reconcile(
     previous = parse_status(body.get("status") or {})
     if previous is None:
         # Never guess: an empty status would train a finished job again.
-        _post_event(
+        post_event(
             clients,
             body,
             "Warning",

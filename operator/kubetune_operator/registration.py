@@ -8,6 +8,7 @@ from kubetune.api import registeredmodel as rm
 from kubetune.api.common import VolumeLocation
 from kubetune.api.finetuningjob import FineTuningJobSpec, FineTuningJobStatus, FineTuningMethod
 from kubetune.api.trainer import ResultReport
+from kubetune_operator import conditions as c
 from kubetune_operator import naming
 from kubetune_operator.builders import mounted_path
 
@@ -141,3 +142,66 @@ def desired_registered_model(
         "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels},
         "spec": model_spec.to_api(),
     }
+
+
+def registration_conditions(
+    status: FineTuningJobStatus,
+    conds: c.Conditions,
+    spec: FineTuningJobSpec,
+    model: dict | None,
+    uid: str,
+) -> None:
+    """The Registered condition: whether the name is free before training, and whether
+    the RegisteredModel that holds it records this job's model after."""
+    if not conds.is_true(c.SUCCEEDED):
+        # Checked before any GPU is requested: the plan creates no training Job
+        # while the name records another job's model.
+        if spec.registration.enabled and model is not None and _source_uid(model) != uid:
+            conds.set(
+                c.REGISTERED,
+                False,
+                c.NAME_TAKEN,
+                f"RegisteredModel {model['metadata']['name']} already records the model of "
+                f"{_source_name(model)}: set spec.registration.modelName (or suffix) to a free "
+                "name; training starts once the name is free",
+            )
+        elif conds.reason(c.REGISTERED) == c.NAME_TAKEN:
+            conds.set(
+                c.REGISTERED, None, c.NAME_FREE, "the model is registered when training succeeds"
+            )
+        return
+    if not spec.registration.enabled:
+        conds.set(
+            c.REGISTERED, False, c.REGISTRATION_DISABLED, "spec.registration.enabled is false"
+        )
+        return
+    if model is None:
+        return
+    name = model["metadata"]["name"]
+    if _source_uid(model) != uid:
+        # Taken while this job trained: nothing is lost, the weights stay where the
+        # status says, and registration happens once the name is free.
+        artifact = status.artifact.volume if status.artifact else None
+        where = f" ({artifact.claim_name}:{artifact.path})" if artifact else ""
+        conds.set(
+            c.REGISTERED,
+            False,
+            c.NAME_TAKEN,
+            f"RegisteredModel {name} already records the model of {_source_name(model)}: delete "
+            f"it (or register this job's weights{where} under another name with the SDK or "
+            "CLI); kubetune registers this model as soon as the name is free",
+        )
+        return
+    status.registered_model = name
+    conds.set(
+        c.REGISTERED, True, c.MODEL_REGISTERED, f"RegisteredModel {name} records the trained model"
+    )
+
+
+def _source_uid(model: dict) -> str | None:
+    return ((model.get("spec") or {}).get("sourceJob") or {}).get("uid")
+
+
+def _source_name(model: dict) -> str:
+    source = (model.get("spec") or {}).get("sourceJob") or {}
+    return f"FineTuningJob {source.get('name', '?')} (uid {source.get('uid', '?')})"

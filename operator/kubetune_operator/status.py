@@ -25,6 +25,7 @@ from kubetune_operator import builders, failures, naming
 from kubetune_operator import conditions as c
 from kubetune_operator import observed as obs
 from kubetune_operator.observed import Observed
+from kubetune_operator.registration import registration_conditions
 from kubetune_operator.settings import OperatorSettings
 
 
@@ -167,7 +168,7 @@ def derive_status(
 
     if is_terminal(previous):
         # A finished record: what it trained with was written while it ran.
-        _finish_registration(status, conds, spec, observed, meta["uid"])
+        registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
         status.conditions = conds.as_list()
         status.phase = _phase(conds, spec, observed)
         return status
@@ -201,7 +202,7 @@ def derive_status(
         conds.set(c.FAILED, True, failure.reason.value, failure.message)
         conds.set(c.RUNNING, False, c.STOPPED, "the job failed")
         status.completion_time = status.completion_time or now
-    _finish_registration(status, conds, spec, observed, meta["uid"])
+    registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
     if observed.blocked is not None:
         reason, message = observed.blocked
         conds.set(c.RUNNING, False, reason, message)
@@ -390,68 +391,6 @@ def _restart_all(
         f"restarting all {nodes} pods from the latest checkpoint",
     )
     return None
-
-
-def _finish_registration(
-    status: FineTuningJobStatus,
-    conds: c.Conditions,
-    spec: FineTuningJobSpec,
-    observed: Observed,
-    uid: str,
-) -> None:
-    model = observed.registered_model
-    if not conds.is_true(c.SUCCEEDED):
-        # Checked before any GPU is requested: the plan creates no training Job
-        # while the name records another job's model.
-        if spec.registration.enabled and model is not None and _source_uid(model) != uid:
-            conds.set(
-                c.REGISTERED,
-                False,
-                c.NAME_TAKEN,
-                f"RegisteredModel {model['metadata']['name']} already records the model of "
-                f"{_source_name(model)}: set spec.registration.modelName (or suffix) to a free "
-                "name; training starts once the name is free",
-            )
-        elif conds.reason(c.REGISTERED) == c.NAME_TAKEN:
-            conds.set(
-                c.REGISTERED, None, c.NAME_FREE, "the model is registered when training succeeds"
-            )
-        return
-    if not spec.registration.enabled:
-        conds.set(
-            c.REGISTERED, False, c.REGISTRATION_DISABLED, "spec.registration.enabled is false"
-        )
-        return
-    if model is None:
-        return
-    name = model["metadata"]["name"]
-    if _source_uid(model) != uid:
-        # Taken while this job trained: nothing is lost, the weights stay where the
-        # status says, and registration happens once the name is free.
-        artifact = status.artifact.volume if status.artifact else None
-        where = f" ({artifact.claim_name}:{artifact.path})" if artifact else ""
-        conds.set(
-            c.REGISTERED,
-            False,
-            c.NAME_TAKEN,
-            f"RegisteredModel {name} already records the model of {_source_name(model)}: delete "
-            f"it (or register this job's weights{where} under another name with the SDK or "
-            "CLI); kubetune registers this model as soon as the name is free",
-        )
-        return
-    status.registered_model = name
-    conds.set(
-        c.REGISTERED, True, c.MODEL_REGISTERED, f"RegisteredModel {name} records the trained model"
-    )
-
-
-def _source_uid(model: dict) -> str | None:
-    return ((model.get("spec") or {}).get("sourceJob") or {}).get("uid")
-
-
-def _source_name(model: dict) -> str:
-    source = (model.get("spec") or {}).get("sourceJob") or {}
-    return f"FineTuningJob {source.get('name', '?')} (uid {source.get('uid', '?')})"
 
 
 def _metrics_message(metrics: dict[str, float]) -> str:
