@@ -203,6 +203,13 @@ def derive_status(
         conds.set(c.RUNNING, False, c.STOPPED, "the job failed")
         status.completion_time = status.completion_time or now
     registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
+    if observed.train_job is None and conds.reason(c.REGISTERED) == c.NAME_TAKEN:
+        conds.set(
+            c.RUNNING,
+            False,
+            c.NOT_STARTED,
+            "no training Job while the registration name is taken (see the Registered condition)",
+        )
     if observed.blocked is not None:
         reason, message = observed.blocked
         conds.set(c.RUNNING, False, reason, message)

@@ -42,6 +42,7 @@ def test_a_taken_registration_name_is_reported_before_any_gpu_is_requested() -> 
     assert (registered.status, registered.reason) == ("False", c.NAME_TAKEN)
     assert "spec.registration.modelName" in registered.message
     assert not any(o["kind"] == "Job" for o in changes.create)  # no training Job
+    assert "registration name is taken" in {x.type: x for x in status.conditions}["Running"].message
     # Renamed: the name is free, training starts.
     renamed = make_body({**SPEC, "registration": {"modelName": "run-1-v2"}}, generation=2)
     status, changes = step(renamed, status, validate_job=validated())
