@@ -508,6 +508,7 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
     metrics.json, or a FineTuningJob on the cluster."""
     from pathlib import Path
 
+    from kubetune.api.finetuningjob import OutputSpec
     from kubetune.sdk.plot import NoHistory, load_history, plot_loss
 
     source = Path(name)
@@ -517,11 +518,8 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
             job = cluster.get_job(name)
         status = job.get("status") or {}
         progress = status.get("progress") or {}
-        output = ((job.get("spec") or {}).get("output") or {}).get("volume") or {}
-        uid = (job.get("metadata") or {}).get("uid", "")
-        # The job's own folder on the output volume (see docs/operator.md).
-        folder = "/".join(
-            p for p in (output.get("path", "").strip("/"), f"{name}-{uid.split('-')[0]}") if p
+        output = OutputSpec.model_validate(job["spec"]["output"]).job_location(
+            name, job["metadata"]["uid"]
         )
         latest = (
             f" (status.progress has only the latest loss: {progress['loss']:.4f} at step "
@@ -531,8 +529,8 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
         )
         raise click.ClickException(
             f"no loss history for FineTuningJob {name} on the cluster{latest}: the trainer writes "
-            f"the history to metrics.json on the output volume (claim {output.get('claimName')}, "
-            f"path {folder}); copy it here and run `kubetune plot metrics.json`"
+            f"the history to metrics.json on the output volume (claim {output.claim_name}, "
+            f"path {output.path}); copy it here and run `kubetune plot metrics.json`"
         )
     try:
         train_history, eval_history = load_history(source)

@@ -463,12 +463,25 @@ class Hyperparameters(ApiModel):
 class OutputSpec(ApiModel):
     """Where checkpoints and the trained model are written."""
 
-    volume: VolumeLocation = Field(description="Folder for checkpoints and the final model.")
+    volume: VolumeLocation = Field(
+        description="Folder for checkpoints and the final model; each job writes in its own "
+        "sub-folder <job name>-<first part of its uid>."
+    )
     merge_adapter: bool = Field(
         default=False,
         description="LORA/QLORA: also save the base model with the adapter merged in "
         "(QLORA merges into a 16-bit copy of the base).",
     )
+
+    def job_location(self, job_name: str, job_uid: str, path: str = "") -> VolumeLocation:
+        """`path` inside the job's own folder of the output volume: another job (another
+        name, or the same name created again) never reads its checkpoints nor overwrites
+        its weights."""
+        folder = f"{job_name}-{job_uid.split('-')[0]}"
+        parts = (self.volume.path.strip("/"), folder, path.strip("/"))
+        return VolumeLocation(
+            claim_name=self.volume.claim_name, path="/".join(p for p in parts if p)
+        )
 
 
 class Toleration(ApiModel):

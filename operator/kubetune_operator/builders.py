@@ -102,8 +102,7 @@ def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
             dataset=mounted_path(spec.dataset.volume)
             if spec.dataset.volume and spec.dataset.format in FILE_FORMATS
             else None,
-            output=f"{mounted_path(spec.output.volume)}/"
-            f"{naming.output_folder(meta['name'], meta['uid'])}",
+            output=mounted_path(spec.output.job_location(meta["name"], meta["uid"])),
             cache=f"{CACHE_DIR}/huggingface",
         ),
         report=ReportTarget(config_map=naming.report_config_map_name(meta["name"])),

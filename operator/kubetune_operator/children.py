@@ -62,6 +62,15 @@ def get_custom(clients: Clients, namespace: str, plural: str, name: str) -> Obj 
         raise
 
 
+def delete_job(clients: Clients, name: str, namespace: str, propagation: str) -> None:
+    """Delete a Job; one already gone is fine."""
+    try:
+        clients.batch.delete_namespaced_job(name, namespace, propagation_policy=propagation)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
 class CreateBlocked(Exception):
     """A child cannot be created until someone acts: its name is held by an object this
     job does not control, or the API server refused it (quota, admission policy)."""

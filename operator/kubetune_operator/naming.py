@@ -70,12 +70,6 @@ def trainer_account_name(owner: str) -> str:
     return child_name(owner, "trainer")
 
 
-def output_folder(owner: str, uid: str) -> str:
-    """The job's own folder under spec.output: another job (a different name, or the same
-    name created again) never reads its checkpoints nor overwrites its weights."""
-    return f"{owner}-{uid.split('-')[0]}"
-
-
 def label_value(value: str) -> str:
     """A label value (at most 63 characters) that still identifies `value`."""
     return value if len(value) <= _MAX_NAME else child_name(value[:40], "x")[:_MAX_NAME]

@@ -34,6 +34,7 @@ from kubetune_operator.children import (
     Clients,
     CreateBlocked,
     create_child,
+    delete_job,
     get_custom,
     get_or_none,
     post_event,
@@ -154,24 +155,12 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
         )
     if changes.delete_train_job:
         propagation = "Foreground" if changes.wait_for_pods else "Background"
-        try:
-            clients.batch.delete_namespaced_job(
-                naming.train_job_name(name), namespace, propagation_policy=propagation
-            )
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        delete_job(clients, naming.train_job_name(name), namespace, propagation)
         if not changes.wait_for_pods:  # in the foreground, the Job stays until its pods go
             updates["train_job"] = None
             updates["train_pods"] = []
     if changes.delete_validate_job:
-        try:
-            clients.batch.delete_namespaced_job(
-                naming.validate_job_name(name), namespace, propagation_policy="Background"
-            )
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        delete_job(clients, naming.validate_job_name(name), namespace, "Background")
         updates["validate_job"] = None
         updates["validate_pods"] = []
     if changes.register is not None:
@@ -277,25 +266,26 @@ def reconcile(
 def parse_status(raw: Obj) -> FineTuningJobStatus | None:
     """The recorded status, ignoring fields this version does not know (written by a
     newer operator before a rollback, say); None when what it knows cannot be read."""
-    candidate = copy.deepcopy(raw)
-    for _ in range(50):
-        try:
-            return FineTuningJobStatus.model_validate(candidate)
-        except ValidationError as err:
-            unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
-            if not unknown or len(unknown) != len(err.errors()):
-                log.error("unreadable status: %s", err.errors()[:3])
-                return None
-            for loc in unknown:
-                _drop(candidate, loc)
-    return None
-
-
-def _drop(document: Any, loc: tuple) -> None:
-    for key in loc[:-1]:
-        document = document[key]
-    if isinstance(document, dict):
-        document.pop(loc[-1], None)
+    try:
+        return FineTuningJobStatus.model_validate(raw)
+    except ValidationError as err:
+        errors = err.errors()
+    # pydantic reports every unknown field at once: drop them all, then read again.
+    if not all(e["type"] == "extra_forbidden" for e in errors):
+        log.error("unreadable status: %s", errors[:3])
+        return None
+    known = copy.deepcopy(raw)
+    for error in errors:
+        document = known
+        *parents, field = error["loc"]
+        for key in parents:
+            document = document[key]
+        document.pop(field, None)
+    try:
+        return FineTuningJobStatus.model_validate(known)
+    except ValidationError as err:
+        log.error("unreadable status: %s", err.errors()[:3])
+        return None
 
 
 def _write_status(

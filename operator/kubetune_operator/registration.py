@@ -73,13 +73,10 @@ def desired_registered_model(
     """The RegisteredModel for a succeeded job. Not owned by the job: it outlives it."""
     meta = body["metadata"]
     name = registered_model_name(body, spec)
-    output = spec.output.volume
-    folder = naming.output_folder(meta["name"], meta["uid"])
 
     def under_output(path: str) -> VolumeLocation:
         """The trainer reports paths relative to the job's own folder of the output."""
-        joined = "/".join(p for p in (output.path.strip("/"), folder, path.strip("/")) if p)
-        return VolumeLocation(claim_name=output.claim_name, path=joined)
+        return spec.output.job_location(meta["name"], meta["uid"], path)
 
     artifact = rm.Artifact(
         volume=under_output(result.artifact.path),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from kubetune.api.common import VolumeLocation
 from kubetune.api.defaults import resolve_hyperparameters
 from kubetune.api.finetuningjob import (
     ArtifactStatus,
@@ -21,7 +20,7 @@ from kubetune.api.finetuningjob import (
     Progress,
     ResolvedHyperparameters,
 )
-from kubetune_operator import builders, failures, naming
+from kubetune_operator import builders, failures
 from kubetune_operator import conditions as c
 from kubetune_operator import observed as obs
 from kubetune_operator.observed import Observed
@@ -133,18 +132,6 @@ def _trainer_image(observed: Observed, would_be: str) -> str:
     return would_be
 
 
-def _artifact(
-    spec: FineTuningJobSpec, folder: str, path: str, kind: str, digest: str
-) -> ArtifactStatus:
-    """Where the trained model is on the output volume: the trainer reports it relative to
-    the job's own folder there."""
-    base = spec.output.volume
-    joined = "/".join(p for p in (base.path.strip("/"), folder, path.strip("/")) if p)
-    return ArtifactStatus(
-        volume=VolumeLocation(claim_name=base.claim_name, path=joined), kind=kind, digest=digest
-    )
-
-
 def derive_status(
     body: dict,
     spec: FineTuningJobSpec,
@@ -195,15 +182,14 @@ def derive_status(
 
     failure = _validation(status, conds, spec, observed)
     if failure is None:
-        folder = naming.output_folder(meta["name"], meta["uid"])
-        failure = _training(status, conds, spec, observed, settings, folder)
+        failure = _training(status, conds, spec, observed, settings, meta)
     if failure is not None:
         status.failure = failure
         conds.set(c.FAILED, True, failure.reason.value, failure.message)
         conds.set(c.RUNNING, False, c.STOPPED, "the job failed")
         status.completion_time = status.completion_time or now
     registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
-    if observed.train_job is None and conds.reason(c.REGISTERED) == c.NAME_TAKEN:
+    if train is None and conds.reason(c.REGISTERED) == c.NAME_TAKEN:
         conds.set(
             c.RUNNING,
             False,
@@ -262,7 +248,7 @@ def _training(
     spec: FineTuningJobSpec,
     observed: Observed,
     settings: OperatorSettings,
-    folder: str,
+    meta: dict,
 ) -> Failure | None:
     job = observed.train_job
     pods = observed.train_pods
@@ -301,8 +287,11 @@ def _training(
             )
         status.metrics = dict(result.metrics)
         status.dataset_digest = result.dataset_digest or status.dataset_digest
-        status.artifact = _artifact(
-            spec, folder, result.artifact.path, result.artifact.kind, result.artifact.digest
+        status.artifact = ArtifactStatus(
+            # The trainer reports the path relative to the job's own output folder.
+            volume=spec.output.job_location(meta["name"], meta["uid"], result.artifact.path),
+            kind=result.artifact.kind,
+            digest=result.artifact.digest,
         )
         status.progress = _completed_progress(status.progress)
         finished = obs.job_condition(job, "Complete") or {}

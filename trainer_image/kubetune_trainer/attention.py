@@ -67,15 +67,18 @@ def _packed_lengths(query, key, mask, position_ids) -> list[int] | None:
         return _last[2]
     n = query.shape[2]
     lengths = segment_lengths(position_ids)
-    if len(lengths) == 1 or mask is None:
-        # one example, or no packed-row mask (transformers saw no restarts to isolate)
-        found = None
-    elif mask.dtype == torch.bool and mask.shape[:2] == (1, 1) and mask.shape[-2:] == (n, n):
-        # Split only when the mask is exactly the packed row's: any other pattern
-        # (padding, windows, bidirectional overlays) stays with SDPA and its mask.
-        found = lengths if is_block_causal(mask, lengths) else None
-    else:
-        found = None
+    # Split only when there are several examples and the mask is exactly the packed
+    # row's: any other pattern (padding, windows, bidirectional overlays), or no mask
+    # (transformers saw no restarts to isolate), stays with SDPA.
+    packed_row_mask = (
+        mask is not None
+        and mask.dtype == torch.bool
+        and mask.shape[:2] == (1, 1)
+        and mask.shape[-2:] == (n, n)
+    )
+    found = (
+        lengths if len(lengths) > 1 and packed_row_mask and is_block_causal(mask, lengths) else None
+    )
     _last = (position_ids, mask, found)
     return found
 
