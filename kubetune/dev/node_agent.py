@@ -8,12 +8,16 @@ command and args as a local process with:
 
 * env resolved like a kubelet (values, `secretKeyRef`, `configMapKeyRef`,
   downward API `fieldRef`);
-* volumes mapped to local folders: PersistentVolumeClaims to their
-  PersistentVolume's `hostPath`, ConfigMaps and Secrets written out as files,
-  emptyDirs as scratch folders; paths under a mount point are rewritten to
-  the local folder in the command, args, env and ConfigMap files;
-* the pod's service-account token (from the TokenRequest API) in a kubeconfig
-  named by KUBECONFIG, so the process has exactly the pod's rights;
+* volumes mapped to local folders (kubetune.dev.pod_volumes):
+  PersistentVolumeClaims to their PersistentVolume's `hostPath`; ConfigMaps,
+  Secrets, downward-API and projected volumes written out as files; emptyDirs
+  as scratch folders; paths under a mount point are rewritten to the local
+  folder in the command, args, env, ConfigMap and downward-API files;
+* read-only mounts read-only for the process alone, in a mount namespace of
+  its own (where the machine allows it);
+* the token of the pod's API-access volume (an audience-less projected
+  service-account token) in a kubeconfig named by KUBECONFIG, so the process
+  has exactly the pod's rights;
 * the termination message file, read back when the process ends.
 
 Pod status goes back through the `pods/status` subresource as a kubelet
@@ -48,6 +52,15 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.dev.nodes import GPU_RESOURCE, NODE_ROLE_LABEL
+from kubetune.dev.pod_volumes import (
+    ApiAccess,
+    VolumeResolver,
+    bind_plan,
+    executable,
+    field_value,
+    mount_namespace,
+    rewrite,
+)
 
 log = logging.getLogger("kubetune.node-agent")
 
@@ -116,6 +129,7 @@ class NodeAgent:
         self.kubeconfig = kubeconfig
         self.api = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self.api)
+        self.volumes = VolumeResolver(self.core, self.api.configuration.ssl_ca_cert)
         self.name = name
         self.root = root
         self.cpu, self.memory, self.gpus = cpu, memory, gpus
@@ -216,87 +230,17 @@ class NodeAgent:
                 log.exception("cannot start %s/%s", pod.metadata.namespace, pod.metadata.name)
                 self._report_failure_to_start(pod, str(err))
 
-    def _resolve_volumes(self, pod: client.V1Pod, directory: Path) -> dict[str, Path]:
-        """Local folder for each of the pod's volumes."""
-        namespace = pod.metadata.namespace
-        local: dict[str, Path] = {}
-        for volume in pod.spec.volumes or []:
-            target = directory / "volumes" / volume.name
-            if volume.persistent_volume_claim:
-                claim = self.core.read_namespaced_persistent_volume_claim(
-                    volume.persistent_volume_claim.claim_name, namespace
-                )
-                pv = self.core.read_persistent_volume(claim.spec.volume_name)
-                if not pv.spec.host_path:
-                    raise RuntimeError(
-                        f"volume {volume.name}: the node agent only mounts hostPath volumes"
-                    )
-                target = Path(pv.spec.host_path.path)
-                target.mkdir(parents=True, exist_ok=True)
-            elif volume.config_map:
-                data = (
-                    self.core.read_namespaced_config_map(volume.config_map.name, namespace).data
-                    or {}
-                )
-                self._write_files(target, data, volume.config_map.items)
-            elif volume.secret:
-                secret = self.core.read_namespaced_secret(volume.secret.secret_name, namespace)
-                data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-                self._write_files(target, data, volume.secret.items)
-            elif volume.projected:
-                self._write_service_account(pod, target)
-            else:  # emptyDir and anything else: a scratch folder
-                target.mkdir(parents=True, exist_ok=True)
-            local[volume.name] = target
-        return local
-
-    @staticmethod
-    def _write_files(target: Path, data: dict[str, str], items: list | None) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        paths = {item.key: item.path for item in items} if items else {key: key for key in data}
-        for key, relative in paths.items():
-            if key in data:
-                (target / relative).parent.mkdir(parents=True, exist_ok=True)
-                (target / relative).write_text(data[key])
-
-    def _service_account_token(self, pod: client.V1Pod) -> str:
-        request = client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(
-                audiences=[],
-                expiration_seconds=3600,
-                bound_object_ref=client.V1BoundObjectReference(
-                    kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
-                ),
-            )
-        )
-        response = self.core.create_namespaced_service_account_token(
-            pod.spec.service_account_name or "default", pod.metadata.namespace, request
-        )
-        return response.status.token
-
-    def _write_service_account(self, pod: client.V1Pod, target: Path) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "token").write_text(self._service_account_token(pod))
-        (target / "namespace").write_text(pod.metadata.namespace)
-        ca = self.api.configuration.ssl_ca_cert
-        if ca:
-            (target / "ca.crt").write_text(Path(ca).read_text())
-
-    def _pod_kubeconfig(self, pod: client.V1Pod, directory: Path, token_dir: Path) -> Path:
+    def _pod_kubeconfig(self, pod: client.V1Pod, directory: Path, access: ApiAccess) -> Path:
         """A kubeconfig carrying the pod's own service-account token."""
+        cluster = {"server": self.api.configuration.host}
+        ca = access.ca or self.api.configuration.ssl_ca_cert
+        if ca:
+            cluster["certificate-authority"] = str(ca)
         kubeconfig = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {
-                    "name": "cluster",
-                    "cluster": {
-                        "server": self.api.configuration.host,
-                        "certificate-authority": str(token_dir / "ca.crt"),
-                    },
-                }
-            ],
-            "users": [{"name": "pod", "user": {"tokenFile": str(token_dir / "token")}}],
+            "clusters": [{"name": "cluster", "cluster": cluster}],
+            "users": [{"name": "pod", "user": {"tokenFile": str(access.token)}}],
             "contexts": [
                 {
                     "name": "pod",
@@ -362,13 +306,12 @@ class NodeAgent:
     def _field(pod: client.V1Pod, path: str, fields: dict[str, str]) -> str:
         """A downward-API field: the plain ones, and metadata.annotations['key'] and
         metadata.labels['key'] (how an Indexed Job gives JOB_COMPLETION_INDEX)."""
-        match = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
-        if match:
-            source = (
-                pod.metadata.annotations if match.group(1) == "annotations" else pod.metadata.labels
-            )
-            return (source or {}).get(match.group(2), "")
-        return fields.get(path, "")
+        if path in fields:
+            return fields[path]
+        try:
+            return field_value(pod, path)
+        except ValueError:
+            return ""
 
     @staticmethod
     def _expand(value: str, env: dict[str, str]) -> str:
@@ -399,40 +342,48 @@ class NodeAgent:
             self.root / pod.metadata.namespace / f"{pod.metadata.name}-{pod.metadata.uid[:8]}"
         )
         directory.mkdir(parents=True, exist_ok=True)
-        volumes = self._resolve_volumes(pod, directory)
+        volumes = self.volumes.resolve(pod, directory)
         mounts: dict[str, Path] = {}
-        token_dir = None
+        mounted: list[tuple[Path, bool]] = []
         for mount in container.volume_mounts or []:
-            local = volumes[mount.name] / (mount.sub_path or "")
+            local = volumes.folders[mount.name] / (mount.sub_path or "")
+            if not local.exists():  # a kubelet creates a missing subPath as a folder
+                local.mkdir(parents=True)
             mounts[mount.mount_path.rstrip("/")] = local
-            if pod.spec.volumes and any(
-                v.name == mount.name and v.projected for v in pod.spec.volumes
-            ):
-                token_dir = local
-        # ConfigMap files mention container paths: point them at the local folders.
-        for volume in pod.spec.volumes or []:
-            if volume.config_map:
-                for path in volumes[volume.name].rglob("*"):
-                    if path.is_file():
-                        path.write_text(remap(path.read_text(), mounts))
+            mounted.append((local, bool(mount.read_only) or mount.name in volumes.read_only))
+        # ConfigMap and downward-API files mention container paths: point them at
+        # the local folders.
+        for path in volumes.remappable:
+            rewrite(path, lambda text: remap(text, mounts))
         termination_path = directory / "termination-log"
         termination_path.write_text("")
         mounts[container.termination_message_path or "/dev/termination-log"] = termination_path
         env = self._env(pod, container, mounts)
         env[TERMINATION_ENV] = str(termination_path)
-        if token_dir is not None:
-            env["KUBECONFIG"] = str(self._pod_kubeconfig(pod, directory, token_dir))
+        names = {mount.name for mount in container.volume_mounts or []}
+        access = next((a for a in volumes.api_access if a.volume in names), None)
+        if access is not None:
+            env["KUBECONFIG"] = str(self._pod_kubeconfig(pod, directory, access))
         argv = [
             self._resolve_peers(self._expand(remap(part, mounts), env), pod)
             for part in (container.command or []) + (container.args or [])
         ]
         env = {name: self._resolve_peers(value, pod) for name, value in env.items()}
-        if argv and argv[0] in ("python", "python3"):
+        if not argv:
+            raise RuntimeError("no command: the node agent cannot run an image's entrypoint")
+        if argv[0] in ("python", "python3"):
             argv[0] = sys.executable
+        argv[0] = executable(argv[0], env.get("PATH"))
+        launch = argv
+        # The pod's own folder (termination message, emptyDirs) stays writable
+        # even under a read-only volume's folder.
+        plan = bind_plan(mounted, [directory])
+        if any(read_only for _, read_only in plan) and (namespace := mount_namespace()):
+            launch = namespace.wrap(argv, plan)
         log_path = directory / f"{container.name}.log"
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                argv,
+                launch,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
