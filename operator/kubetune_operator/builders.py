@@ -109,17 +109,11 @@ def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
     )
 
 
-def desired_config_map(body: Obj, spec: FineTuningJobSpec) -> Obj:
-    """The trainer's resolved configuration, mounted read-only into its pods."""
-    config = trainer_config(body, spec)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            body, naming.config_map_name(body["metadata"]["name"]), naming.COMPONENT_CONFIG
-        ),
-        "data": {CONFIG_FILE: config.model_dump_json(by_alias=True, exclude_none=True, indent=2)},
-    }
+def trainer_config_annotation(body: Obj, spec: FineTuningJobSpec) -> str:
+    """The trainer's resolved configuration, carried by its pod template and projected
+    into the pod as a file (downward API): no ConfigMap to create, watch or clean up,
+    and it cannot drift from the pods it configures."""
+    return trainer_config(body, spec).model_dump_json(by_alias=True, exclude_none=True)
 
 
 def desired_report_config_map(body: Obj) -> Obj:
@@ -207,9 +201,14 @@ def _env(spec: FineTuningJobSpec, mode: TrainerMode = TrainerMode.TRAIN) -> list
 def _volumes(
     body: Obj, spec: FineTuningJobSpec, *, writable_output: bool
 ) -> tuple[list[Obj], list[Obj]]:
-    owner = body["metadata"]["name"]
+    config_field = f"metadata.annotations['{naming.ANNOTATION_TRAINER_CONFIG}']"
     volumes: list[Obj] = [
-        {"name": "config", "configMap": {"name": naming.config_map_name(owner)}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [{"path": CONFIG_FILE, "fieldRef": {"fieldPath": config_field}}]
+            },
+        },
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
@@ -416,7 +415,11 @@ def desired_job(
     if queue and training:
         job_labels[naming.KUEUE_QUEUE_LABEL] = queue
 
-    pod_annotations = {**spec.pod_metadata.annotations, naming.ANNOTATION_OWNER: owner}
+    pod_annotations = {
+        **spec.pod_metadata.annotations,
+        naming.ANNOTATION_OWNER: owner,
+        naming.ANNOTATION_TRAINER_CONFIG: trainer_config_annotation(body, spec),
+    }
     job_annotations = {naming.ANNOTATION_SPEC_HASH: spec_hash(spec)}
     if distributed:
         pod_annotations[naming.ANNOTATION_RESTART] = str(restart)

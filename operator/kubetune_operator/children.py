@@ -19,6 +19,7 @@ from kubetune.api import registeredmodel as rm
 from kubetune_operator import conditions as c
 from kubetune_operator import naming
 from kubetune_operator import observed as obs
+from kubetune_operator.cache import Cache
 from kubetune_operator.observed import Obj
 
 log = logging.getLogger("kubetune.operator")
@@ -30,9 +31,11 @@ def utcnow() -> datetime:
 
 @dataclass
 class Clients:
-    """The typed API groups the operator uses, on one ApiClient."""
+    """The typed API groups the operator uses, on one ApiClient, and the watch caches
+    it reads from."""
 
     api: client.ApiClient
+    cache: Cache
 
     def __post_init__(self) -> None:
         self.core = client.CoreV1Api(self.api)
@@ -69,6 +72,8 @@ def delete_job(clients: Clients, name: str, namespace: str, propagation: str) ->
     except ApiException as err:
         if err.status != 404:
             raise
+    if propagation != "Foreground":  # in the foreground it stays until its pods are gone
+        clients.cache.forget("Job", namespace, name)
 
 
 class CreateBlocked(Exception):
@@ -103,8 +108,11 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
     if kind == rm.KIND:
         group, version = obj["apiVersion"].split("/")
         try:
-            return clients.custom.create_namespaced_custom_object(
-                group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
+            return _cached(
+                clients,
+                clients.custom.create_namespaced_custom_object(
+                    group, version, namespace, rm.PLURAL, obj, field_manager=naming.FIELD_MANAGER
+                ),
             )
         except ApiException as err:
             if err.status in (403, 422):
@@ -112,8 +120,9 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             if err.status != 409:
                 raise
         # Whose record it is, the registration's status decides (sourceJob.uid).
-        return clients.custom.get_namespaced_custom_object(
-            group, version, namespace, rm.PLURAL, name
+        return _cached(
+            clients,
+            clients.custom.get_namespaced_custom_object(group, version, namespace, rm.PLURAL, name),
         )
     create, read = {
         "ConfigMap": (
@@ -136,7 +145,9 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
         ),
     }[kind]
     try:
-        return clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
+        return _cached(
+            clients, clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
+        )
     except ApiException as err:
         if err.status in (403, 422):
             raise _refusal(err, kind, name) from err
@@ -152,7 +163,14 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             "not by this FineTuningJob: kubetune does not adopt it, and creates its own once "
             "the name is free (delete that object, or give the job another name)",
         )
-    return existing
+    return _cached(clients, existing)
+
+
+def _cached(clients: Clients, obj: Obj) -> Obj:
+    """Keep what a write answered: the next reconcile must not act on an older copy."""
+    if obj.get("kind") in ("Job", "ConfigMap", "ServiceAccount", rm.KIND):
+        clients.cache.put(obj)
+    return obj
 
 
 def post_event(clients: Clients, body: Obj, kind: str, reason: str, message: str) -> None:

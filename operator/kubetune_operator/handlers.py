@@ -1,14 +1,17 @@
 """kopf wiring: watches feed a work queue; workers run `reconcile` in threads.
 
-Handlers are thin on purpose: an event about a FineTuningJob or any of its
-children only queues the job's key. Nothing is kept in handler return values
-or process memory that the next run would need: status and the children
-themselves are the state.
+kopf watches the FineTuningJobs; informers (kubetune_operator.cache) watch the
+children with server-side label selectors. Handlers are thin on purpose: an
+event about a FineTuningJob or any of its children updates the cache and
+queues the job's key. Nothing is kept in handler return values or process
+memory that the next run would need beyond what the watches rebuild: status
+and the children themselves are the state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,14 +23,13 @@ from urllib3.exceptions import HTTPError
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
 from kubetune_operator import metrics, naming
+from kubetune_operator.cache import Cache, slim
 from kubetune_operator.leader import LeaderElector, default_identity
-from kubetune_operator.reconcile import Blocked, Clients, reconcile
+from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.workqueue import Key, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
-
-MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGER}
 
 
 @kopf.on.startup()
@@ -37,6 +39,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.server_timeout = 300
     settings.execution.max_workers = config.workers
     memo.queue = WorkQueue(on_depth=metrics.QUEUE_DEPTH.set)
+    loop = asyncio.get_running_loop()
+
+    def child_changed(kind: str, obj: dict, deleted: bool) -> None:  # informer threads
+        owner = _owner_of(kind, obj)
+        if owner is not None:
+            loop.call_soon_threadsafe(memo.queue.add, (obj["metadata"]["namespace"], owner))
+
+    memo.cache = Cache(memo.watch_api, config.namespaces, child_changed)
+    memo.clients = Clients(memo.api, memo.cache)
+    memo.cache.start()
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(memo.queue.run_timers())]
     memo.elector = None
@@ -65,6 +77,8 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     for task in getattr(memo, "tasks", []):
         task.cancel()
+    if getattr(memo, "cache", None) is not None:
+        memo.cache.stop()
     if getattr(memo, "elector", None) is not None:
         memo.elector.release()
     if getattr(memo, "executor", None):
@@ -77,6 +91,9 @@ async def _worker(memo: kopf.Memo) -> None:
     config: OperatorSettings = memo.config
     elector: LeaderElector | None = memo.elector
     loop = asyncio.get_running_loop()
+    # Decisions need the whole picture: no reconcile before every cache has listed.
+    while not await loop.run_in_executor(memo.executor, clients.cache.wait_synced, 30):
+        log.warning("watch caches not synced yet; waiting")
     while True:
         if elector is not None:
             await elector.leading.wait()  # a standby only queues keys
@@ -88,6 +105,8 @@ async def _worker(memo: kopf.Memo) -> None:
             continue
         try:
             again = await loop.run_in_executor(memo.executor, reconcile, clients, config, *key)
+        except Stale:
+            queue.add(key)  # at once, from the fresh copy (runs after `done`)
         except Blocked as blocked:
             delay = queue.retry(key)
             log.info("%s/%s is blocked (%s); looking again in %.1fs", *key, blocked, delay)
@@ -119,15 +138,21 @@ def _enqueue(memo: kopf.Memo, key: Key) -> None:
         queue.add(key)
 
 
-# The event handlers are coroutines on purpose: kopf runs plain functions in
+# The event handler is a coroutine on purpose: kopf runs plain functions in
 # executor threads, and the work queue is an asyncio object of the event loop.
 @kopf.on.event(GROUP, VERSION, ftj.PLURAL)
 async def finetuningjob_changed(
-    event: dict, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any
+    event: dict, name: str, namespace: str, memo: kopf.Memo, **_: Any
 ) -> None:
+    cache: Cache | None = getattr(memo, "cache", None)
+    if cache is None:
+        return
     if event.get("type") == "DELETED":
+        cache.forget(ftj.KIND, namespace, name)
         metrics.forget(namespace, name)
         return
+    body = slim(copy.deepcopy(dict(event["object"])))
+    cache.put(body)
     # Our own status writes come back as events too: skip those. New objects,
     # the initial listing and spec changes (a new generation) need a look;
     # the periodic resync covers the rest (a label added later, say).
@@ -138,27 +163,12 @@ async def finetuningjob_changed(
     _enqueue(memo, (namespace, name))
 
 
-def _owner_from_references(body: kopf.Body) -> str | None:
-    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+def _owner_of(kind: str, obj: dict) -> str | None:
+    """The FineTuningJob a child belongs to (pods: by annotation, their owner is a Job)."""
+    meta = obj.get("metadata") or {}
+    if kind == "Pod":
+        return (meta.get("annotations") or {}).get(naming.ANNOTATION_OWNER)
+    for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == ftj.KIND and ref.get("apiVersion", "").startswith(GROUP + "/"):
             return ref.get("name")
     return None
-
-
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-@kopf.on.event(
-    "", "v1", "configmaps", labels={**MANAGED, naming.LABEL_COMPONENT: naming.COMPONENT_REPORT}
-)
-async def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    owner = _owner_from_references(body)
-    if owner:
-        _enqueue(memo, (namespace, owner))
-
-
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_changed(
-    annotations: kopf.Annotations, namespace: str, memo: kopf.Memo, **_: Any
-) -> None:
-    owner = annotations.get(naming.ANNOTATION_OWNER)
-    if owner:
-        _enqueue(memo, (namespace, owner))

@@ -13,7 +13,8 @@ from kubernetes import client, config
 
 from kubetune_operator import handlers as _handlers  # noqa: F401  (registers the kopf handlers)
 from kubetune_operator import metrics
-from kubetune_operator.reconcile import Clients
+from kubetune_operator.apiclient import OperatorApiClient
+from kubetune_operator.cache import WATCHED_KINDS
 from kubetune_operator.settings import OperatorSettings
 
 ENV_PREFIX = "KUBETUNE_"
@@ -33,7 +34,7 @@ def settings_from_env(overrides: dict[str, Any] | None = None) -> OperatorSettin
     return OperatorSettings.model_validate(values)
 
 
-def api_client(settings: OperatorSettings) -> client.ApiClient:
+def api_client(settings: OperatorSettings, connections: int) -> client.ApiClient:
     configuration = client.Configuration()
     if settings.kubeconfig:
         config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
@@ -42,8 +43,8 @@ def api_client(settings: OperatorSettings) -> client.ApiClient:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = settings.workers * 2
-    return metrics.CountingApiClient(configuration)
+    configuration.connection_pool_maxsize = connections
+    return OperatorApiClient(configuration, settings.api_qps, settings.api_burst)
 
 
 def run(settings: OperatorSettings) -> None:
@@ -54,7 +55,12 @@ def run(settings: OperatorSettings) -> None:
         # kopf's own login reads the same file.
         os.environ["KUBECONFIG"] = settings.kubeconfig
     metrics.serve(settings.metrics_port)
-    memo = kopf.Memo(config=settings, clients=Clients(api_client(settings)))
+    memo = kopf.Memo(
+        config=settings,
+        # Reconciles on one pool, watches (each holds a connection) on another.
+        api=api_client(settings, settings.workers * 2),
+        watch_api=api_client(settings, WATCHED_KINDS * max(1, len(settings.namespaces)) + 2),
+    )
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     asyncio.run(
         kopf.operator(
@@ -85,6 +91,8 @@ def run(settings: OperatorSettings) -> None:
 @click.option("--leader-election-id", help="Name of the leader-election Lease.")
 @click.option("--leader-election-namespace", help="Namespace of the leader-election Lease.")
 @click.option("--workers", type=int, help="Concurrent reconciles.")
+@click.option("--api-qps", type=float, help="Requests per second to the API server (0: no limit).")
+@click.option("--api-burst", type=int, help="Requests the operator may send at once.")
 @click.option(
     "--image-pull-timeout",
     "image_pull_timeout_seconds",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-from kubernetes import client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -28,6 +27,11 @@ API_REQUESTS = Counter(
     "kubetune_operator_api_requests_total",
     "Requests the operator sent to the API server.",
     ["verb"],
+    registry=REGISTRY,
+)
+THROTTLED = Counter(
+    "kubetune_operator_api_throttled_total",
+    "Answers of 429 Too Many Requests, retried after Retry-After.",
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(
@@ -67,14 +71,6 @@ def _publish_phases() -> None:
         "Cancelled",
     ):
         JOBS_BY_PHASE.labels(phase).set(counts.get(phase, 0))
-
-
-class CountingApiClient(client.ApiClient):
-    """An ApiClient that counts its requests by verb."""
-
-    def call_api(self, method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
-        API_REQUESTS.labels(method.upper()).inc()
-        return super().call_api(method, url, *args, **kwargs)
 
 
 def serve(port: int) -> None:

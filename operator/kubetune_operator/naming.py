@@ -23,10 +23,11 @@ ANNOTATION_RESTART = "kubetune.dev/restart"
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # On trainer pods: the FineTuningJob they work for (labels cap names at 63 characters).
 ANNOTATION_OWNER = "kubetune.dev/finetuningjob"
+# On trainer pods: the trainer's configuration (JSON), projected as a file.
+ANNOTATION_TRAINER_CONFIG = "kubetune.dev/trainer-config"
 
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATOR = "dataset-validator"
-COMPONENT_CONFIG = "config"
 COMPONENT_REPORT = "report"
 
 # A Job's name ends up in a label of its pods: at most 63 characters.
@@ -56,10 +57,6 @@ def rendezvous_service_name(owner: str) -> str:
 
 def validate_job_name(owner: str) -> str:
     return child_name(owner, "validate")
-
-
-def config_map_name(owner: str) -> str:
-    return child_name(owner, "config")
 
 
 def report_config_map_name(owner: str) -> str:

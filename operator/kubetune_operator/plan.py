@@ -19,7 +19,6 @@ class Plan:
     """Changes that bring the cluster to what the FineTuningJob asks for."""
 
     create: list[Obj] = field(default_factory=list)
-    replace_config: Obj | None = None
     set_train_suspend: bool | None = None
     delete_train_job: bool = False
     wait_for_pods: bool = False  # delete the Job in the foreground: pods first
@@ -29,7 +28,6 @@ class Plan:
     def empty(self) -> bool:
         return not (
             self.create
-            or self.replace_config
             or self.set_train_suspend is not None
             or self.delete_train_job
             or self.delete_validate_job
@@ -75,11 +73,6 @@ def plan(
     if train is None:
         # Created before any Job, in this order: once the training Job exists,
         # so do they (and the observation no longer reads them).
-        desired_config = builders.desired_config_map(body, spec)
-        if observed.config_map is None:
-            result.create.append(desired_config)
-        elif observed.config_map.get("data") != desired_config["data"]:
-            result.replace_config = desired_config
         if observed.report_config_map is None:
             result.create.append(builders.desired_report_config_map(body))
         if observed.service_account is None:

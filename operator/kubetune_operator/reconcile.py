@@ -36,7 +36,6 @@ from kubetune_operator.children import (
     create_child,
     delete_job,
     get_custom,
-    get_or_none,
     post_event,
     utcnow,
 )
@@ -48,62 +47,51 @@ from kubetune_operator.status import derive_status, is_terminal, next_check_in
 
 log = logging.getLogger("kubetune.operator")
 
-__all__ = ["Blocked", "Clients", "reconcile"]
+__all__ = ["Blocked", "Clients", "Stale", "reconcile"]
+
+
+class Stale(Exception):
+    """The cached FineTuningJob was older than the server's: reconcile again from a
+    fresh copy."""
 
 
 def observe(
     clients: Clients, body: Obj, spec: FineTuningJobSpec, status: FineTuningJobStatus
 ) -> Observed:
-    """Read what the job's status and plan depend on, and nothing more.
-
-    Children are created in a fixed order (ConfigMaps, ServiceAccount and RBAC,
-    then Jobs), so once a training Job exists the others do too.
-    """
+    """What the job's status and plan depend on, from the watch caches (no requests)."""
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    cache = clients.cache
     now = utcnow()
     if status.phase == Phase.SUCCEEDED:
         return Observed(now=now)  # a finished record: nothing left to look at
-    selector = f"{naming.LABEL_JOB_UID}={uid}"
-    jobs = clients.plain(clients.batch.list_namespaced_job(namespace, label_selector=selector))
-    jobs_by_name = {job["metadata"]["name"]: job for job in jobs["items"]}
+    jobs_by_name = {
+        job["metadata"]["name"]: job
+        for job in cache.children("Job", namespace, uid)
+        if obs.controlled_by(job, uid)
+    }
     train_job = jobs_by_name.get(naming.train_job_name(name))
     validate_job = jobs_by_name.get(naming.validate_job_name(name))
     if status.phase in (Phase.FAILED, Phase.CANCELLED):
         return Observed(now=now, train_job=train_job, validate_job=validate_job)
 
-    pods: list[Obj] = []
-    if jobs_by_name:
-        pods = clients.plain(clients.core.list_namespaced_pod(namespace, label_selector=selector))[
-            "items"
-        ]
-    config_map = service_account = None
-    if train_job is None:
-        config_maps = clients.plain(
-            clients.core.list_namespaced_config_map(namespace, label_selector=selector)
-        )
-        by_name = {cm["metadata"]["name"]: cm for cm in config_maps["items"]}
-        config_map = by_name.get(naming.config_map_name(name))
-        report_map = by_name.get(naming.report_config_map_name(name))
-        accounts = clients.plain(
-            clients.core.list_namespaced_service_account(namespace, label_selector=selector)
-        )
-        service_account = accounts["items"][0] if accounts["items"] else None
-    else:
-        report_map = get_or_none(
-            clients.core.read_namespaced_config_map,
-            clients,
-            naming.report_config_map_name(name),
-            namespace,
-        )
-
+    pods = cache.children("Pod", namespace, uid)
+    config_maps = {
+        cm["metadata"]["name"]: cm
+        for cm in cache.children("ConfigMap", namespace, uid)
+        if obs.controlled_by(cm, uid)
+    }
+    report_map = config_maps.get(naming.report_config_map_name(name))
+    accounts = [
+        sa for sa in cache.children("ServiceAccount", namespace, uid) if obs.controlled_by(sa, uid)
+    ]
     registered = None
     succeeded = obs.job_condition(train_job, "Complete") or any(
         cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions
     )
     if succeeded or (train_job is None and spec.registration.enabled):
         # Before training: is the name free? (No GPUs for a model that cannot be registered.)
-        registered = get_custom(clients, namespace, rm.PLURAL, registered_model_name(body, spec))
+        registered = cache.get(rm.KIND, namespace, registered_model_name(body, spec))
 
     def component(pod: Obj) -> str:
         return (pod["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT, "")
@@ -115,9 +103,8 @@ def observe(
         validate_pods=[p for p in pods if component(p) == naming.COMPONENT_VALIDATOR],
         train_pods=[p for p in pods if component(p) == naming.COMPONENT_TRAINER],
         report=(report_map or {}).get("data") or {},
-        config_map=config_map,
         report_config_map=report_map,
-        service_account=service_account,
+        service_account=accounts[0] if accounts else None,
         registered_model=registered,
     )
 
@@ -136,14 +123,6 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
                 else "validate_job"
             )
             updates[key] = created
-    if changes.replace_config is not None:
-        cm = changes.replace_config
-        clients.core.patch_namespaced_config_map(
-            cm["metadata"]["name"],
-            namespace,
-            {"data": cm["data"]},
-            field_manager=naming.FIELD_MANAGER,
-        )
     if changes.set_train_suspend is not None:
         updates["train_job"] = clients.plain(
             clients.batch.patch_namespaced_job(
@@ -153,6 +132,7 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
                 field_manager=naming.FIELD_MANAGER,
             )
         )
+        clients.cache.put(updates["train_job"])
     if changes.delete_train_job:
         propagation = "Foreground" if changes.wait_for_pods else "Background"
         delete_job(clients, naming.train_job_name(name), namespace, propagation)
@@ -213,14 +193,9 @@ def reconcile(
     Returns seconds until it should be looked at again without an event (None: never).
     """
     started = time.monotonic()
-    try:
-        body = clients.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, ftj.PLURAL, name
-        )
-    except ApiException as err:
-        if err.status == 404:
-            return None  # deleted: owner references take its children with it
-        raise
+    body = clients.cache.get(ftj.KIND, namespace, name)
+    if body is None:
+        return None  # deleted: owner references take its children with it
     previous = parse_status(body.get("status") or {})
     if previous is None:
         # Never guess: an empty status would train a finished job again.
@@ -294,16 +269,32 @@ def _write_status(
     if status.to_api() == previous.to_api():
         return
     meta = body["metadata"]
-    # Full status with nulls: a JSON merge patch then also clears what is gone.
-    patch = {"status": status.model_dump(mode="json", by_alias=True)}
-    clients.custom.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        meta["namespace"],
-        ftj.PLURAL,
-        meta["name"],
-        patch,
-        field_manager=naming.FIELD_MANAGER,
-    )
+    # Full status with nulls: a JSON merge patch then also clears what is gone. The
+    # resourceVersion makes it conditional: derived from a copy that is no longer
+    # current (the cache lags a user's edit, say), it is refused rather than applied.
+    patch = {
+        "metadata": {"resourceVersion": meta["resourceVersion"]},
+        "status": status.model_dump(mode="json", by_alias=True),
+    }
+    try:
+        updated = clients.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            ftj.PLURAL,
+            meta["name"],
+            patch,
+            field_manager=naming.FIELD_MANAGER,
+        )
+    except ApiException as err:
+        if err.status == 409:
+            fresh = get_custom(clients, meta["namespace"], ftj.PLURAL, meta["name"])
+            if fresh is not None:
+                clients.cache.put(fresh)
+            raise Stale(f"{meta['name']} changed since it was read") from err
+        if err.status == 404:
+            return
+        raise
+    clients.cache.put(updated)
     _events(clients, body, previous, status)
     log.info("%s/%s: %s", meta["namespace"], meta["name"], status.phase.value)

@@ -177,7 +177,8 @@ def test_jobs_sharing_an_output_path_get_folders_of_their_own(kube: Kube, ns: st
     outputs, artifacts = set(), set()
     for name in ("left", "right"):
         done = ft.wait_phase(kube, ns, name, "Succeeded")
-        config = kube.core.read_namespaced_config_map(f"{name}-config", ns).data["config.json"]
+        job = kube.batch.read_namespaced_job(f"{name}-train", ns)
+        config = job.spec.template.metadata.annotations["kubetune.dev/trainer-config"]
         outputs.add(json.loads(config)["paths"]["output"])
         model = kube.custom.get_namespaced_custom_object(
             GROUP, VERSION, ns, "registeredmodels", name

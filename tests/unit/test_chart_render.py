@@ -36,7 +36,11 @@ OPERATOR_RULES = [
         "verbs": ["get", "list", "watch"],
     },
     {"apiGroups": ["kubetune.dev"], "resources": ["finetuningjobs/status"], "verbs": ["patch"]},
-    {"apiGroups": ["kubetune.dev"], "resources": ["registeredmodels"], "verbs": ["get", "create"]},
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["registeredmodels"],
+        "verbs": ["get", "list", "watch", "create"],
+    },
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
@@ -49,7 +53,11 @@ OPERATOR_RULES = [
         "verbs": ["get", "list", "watch", "create", "patch", "update"],
     },
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
-    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["serviceaccounts"],
+        "verbs": ["get", "list", "watch", "create"],
+    },
     {
         "apiGroups": ["rbac.authorization.k8s.io"],
         "resources": ["roles", "rolebindings"],

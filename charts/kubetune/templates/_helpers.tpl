@@ -72,10 +72,11 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningjobs/status"]
   verbs: ["patch"]
-# RegisteredModels: read and created once; never changed or deleted.
+# RegisteredModels: watched (is a job's registration name free?) and created
+# once; never changed or deleted.
 - apiGroups: ["kubetune.dev"]
   resources: ["registeredmodels"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "watch", "create"]
 # The validation and training Jobs: suspended/resumed by patch, replaced by delete.
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -84,7 +85,7 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Config and report ConfigMaps. update is not used directly: the per-job
+# Report ConfigMaps. update is not used directly: the per-job
 # trainer Role grants get/patch/update on the report ConfigMap, and RBAC lets
 # a subject grant only verbs it holds itself.
 - apiGroups: [""]
@@ -97,7 +98,7 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 # The per-job trainer identity: ServiceAccount, Role and RoleBinding.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "list", "create"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create"]

@@ -78,7 +78,6 @@ def test_children_are_owned_and_labelled() -> None:
     body = make_body()
     objects = [
         train_job(body),
-        builders.desired_config_map(body, parse(body)),
         builders.desired_report_config_map(body),
         *builders.desired_trainer_rbac(body),
     ]
@@ -114,14 +113,25 @@ def test_secrets_are_only_referenced() -> None:
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
     }
-    rendered = json.dumps(builders.desired_config_map(body, parse(body)))
-    assert "valueFrom" not in rendered
+    rendered = builders.trainer_config_annotation(body, parse(body))
+    assert "valueFrom" not in rendered and "hf" not in json.loads(rendered)["paths"].values()
 
 
 def test_trainer_config_maps_volumes_to_mounts() -> None:
     body = make_body()
-    config_map = builders.desired_config_map(body, parse(body))
-    config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+    job = train_job(body)
+    template = job["spec"]["template"]
+    config = TrainerConfig.model_validate_json(
+        template["metadata"]["annotations"][naming.ANNOTATION_TRAINER_CONFIG]
+    )
+    # Projected as a file from the pod's own annotation: no ConfigMap.
+    config_volume = next(v for v in template["spec"]["volumes"] if v["name"] == "config")
+    assert config_volume["downwardAPI"]["items"] == [
+        {
+            "path": "config.json",
+            "fieldRef": {"fieldPath": "metadata.annotations['kubetune.dev/trainer-config']"},
+        }
+    ]
     assert config.paths.base_model == "/mnt/volumes/models/tiny"
     assert config.paths.dataset == "/mnt/volumes/data/train.jsonl"
     # Its own folder: no other job (another name, or this name created again) shares it.

@@ -358,7 +358,6 @@ def test_plan_creates_children_then_validation_then_training() -> None:
     first = plan(body, parse(body), status, Observed(now=NOW), SETTINGS)
     kinds = [(o["kind"], o["metadata"]["name"]) for o in first.create]
     assert kinds == [
-        ("ConfigMap", "run-1-config"),
         ("ConfigMap", "run-1-report"),
         ("ServiceAccount", "run-1-trainer"),
         ("Role", "run-1-trainer"),
@@ -368,9 +367,8 @@ def test_plan_creates_children_then_validation_then_training() -> None:
     observed = Observed(
         now=NOW,
         validate_job=validated_job(),
-        config_map=first.create[0],
-        report_config_map=first.create[1],
-        service_account=first.create[2],
+        report_config_map=first.create[0],
+        service_account=first.create[1],
     )
     status = derive(body, **{k: getattr(observed, k) for k in ("now", "validate_job")})
     second = plan(body, parse(body), status, observed, SETTINGS)
@@ -385,7 +383,6 @@ def test_plan_is_idempotent_once_everything_exists() -> None:
         now=NOW,
         validate_job=validated_job(),
         train_job=train,
-        config_map=builders.desired_config_map(body, parse(body)),
         report_config_map=builders.desired_report_config_map(body),
         service_account={"metadata": {"name": "run-1-trainer"}},
     )

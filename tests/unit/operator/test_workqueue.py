@@ -19,7 +19,7 @@ def test_keys_are_deduplicated_until_taken() -> None:
         queue.add(("ns", "b"))
         first, second = await queue.get(), await queue.get()
         assert (first, second) == (("ns", "a"), ("ns", "b"))
-        assert queue._ready.empty()
+        assert queue.ready() == 0
 
     run(scenario())
 
@@ -30,7 +30,7 @@ def test_a_key_added_while_processing_runs_again_after() -> None:
         queue.add(("ns", "a"))
         key = await queue.get()
         queue.add(key)  # an event during the reconcile
-        assert queue._ready.empty()  # not concurrently
+        assert queue.ready() == 0  # not concurrently
         queue.done(key)
         assert await asyncio.wait_for(queue.get(), 1) == key
 
@@ -46,7 +46,7 @@ def test_a_later_plan_replaces_an_earlier_one() -> None:
         queue.add_after(key, 0.2)  # rescheduled: the first must not fire
         await asyncio.wait_for(queue.get(), 1)
         queue.done(key)
-        assert queue._ready.empty()
+        assert queue.ready() == 0
         assert not queue._due
         timers.cancel()
 
@@ -60,5 +60,18 @@ def test_retries_back_off_exponentially() -> None:
         assert delays == [0.5, 1.0, 2.0, 4.0]
         queue.succeeded(("ns", "a"))
         assert queue.retry(("ns", "a")) == 0.5
+
+    run(scenario())
+
+
+def test_events_go_ahead_of_resyncs() -> None:
+    async def scenario():
+        queue = WorkQueue()
+        for i in range(3):
+            queue.add(("ns", f"resync-{i}"), urgent=False)
+        queue.add(("ns", "new"))
+        queue.add(("ns", "resync-2"))  # an event about a key already waiting as a resync
+        order = [await queue.get() for _ in range(4)]
+        assert order == [("ns", "new"), ("ns", "resync-2"), ("ns", "resync-0"), ("ns", "resync-1")]
 
     run(scenario())
