@@ -1,15 +1,19 @@
 """The contract between the operator and the trainer.
 
-The operator renders a `TrainerConfig` from a FineTuningJob into a ConfigMap
-mounted in the trainer's pod; `kubetune train --local` builds the same object
-from a manifest. The trainer reports back through two channels that need no
-rights over FineTuningJobs:
+The operator renders a `TrainerConfig` from a FineTuningJob into an annotation
+of the trainer's pod template, projected into the pod as a file; `kubetune
+train --local` builds the same object from a manifest. The trainer reports
+back through two channels that need no rights in the cluster at all:
 
-* a per-job "report" ConfigMap that only that job's ServiceAccount may update
-  (keys `progress`, `validation` and `result`, each a JSON document below);
+* the operator's report endpoint: `POST <url>/v1/reports/<namespace>/<name>`
+  with a JSON object `{"<key>": <document>}` (keys `progress`, `validation`,
+  `result`, documents below), authenticated by the pod's projected
+  service-account token whose audience is the operator's; the operator checks
+  the token with a TokenReview and that the pod it is bound to works for that
+  job;
 * its container's termination message (`/dev/termination-log`), a
   `TrainerTermination` document, which the kubelet publishes in the pod
-  status even when the API server cannot be reached.
+  status even when the operator cannot be reached.
 
 Exit codes say whether a failure is worth retrying.
 """
@@ -37,6 +41,8 @@ TERMINATION_MESSAGE_MAX_BYTES = 4096
 REPORT_PROGRESS_KEY = "progress"
 REPORT_VALIDATION_KEY = "validation"
 REPORT_RESULT_KEY = "result"
+REPORT_KEYS = (REPORT_PROGRESS_KEY, REPORT_VALIDATION_KEY, REPORT_RESULT_KEY)
+REPORTS_PATH = "/v1/reports"
 
 
 class TrainerMode(StrEnum):
@@ -64,11 +70,23 @@ class TrainerPaths(ApiModel):
     cache: str | None = Field(default=None, description="Hugging Face cache folder.")
 
 
+class ReportEndpoint(ApiModel):
+    """The operator's HTTPS endpoint for reports, and how the trainer proves who it is."""
+
+    url: str = Field(description="Base URL of the operator's report endpoint.")
+    token_file: str = Field(
+        description="The pod's projected service-account token for the operator's audience."
+    )
+    ca_pem: str | None = Field(
+        default=None, description="CA certificate(s) the endpoint's certificate is signed by."
+    )
+
+
 class ReportTarget(ApiModel):
     """Where the trainer reports progress and results."""
 
-    config_map: str | None = Field(
-        default=None, description="Report ConfigMap in the job's namespace."
+    endpoint: ReportEndpoint | None = Field(
+        default=None, description="The operator's report endpoint (in a cluster)."
     )
     file: str | None = Field(default=None, description="Local JSON file (local runs).")
 

@@ -58,15 +58,32 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    """`python -m kubetune_operator` with its log in a file; can be killed and started again."""
+    """`python -m kubetune_operator` with its log in a file; can be killed and started again.
+
+    Its report endpoint listens on 127.0.0.1 with a certificate of a local CA, on a port
+    chosen once: trainer pods started before a restart still reach it afterwards.
+    """
 
     def __init__(self, kubeconfig: Path, log_path: Path, **settings: str) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
-        self.settings = settings
         self.process: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
         self.health_port = 0
+        self.report_port = int(settings.get("report_port") or free_port())
+        if "report_url" not in settings and self.report_port:
+            from kubetune.dev.certs import local_certificates
+
+            certs = local_certificates(log_path.parent / f"{log_path.stem}-certs")
+            settings = {
+                "report_url": f"https://127.0.0.1:{self.report_port}",
+                "report_tls_cert": str(certs.cert),
+                "report_tls_key": str(certs.key),
+                "report_ca": str(certs.ca),
+                **settings,
+            }
+        self.settings = {**settings, "report_port": str(self.report_port)}
+        self.report_ca = self.settings.get("report_ca")
 
     def start(self, timeout: float = 60) -> None:
         self.metrics_port, self.health_port = free_port(), free_port()

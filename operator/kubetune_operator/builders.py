@@ -17,6 +17,7 @@ from kubetune.api.trainer import (
     NON_RETRYABLE_EXIT_CODES,
     TERMINATION_MESSAGE_PATH,
     JobIdentity,
+    ReportEndpoint,
     ReportTarget,
     TrainerConfig,
     TrainerMode,
@@ -30,6 +31,8 @@ CONFIG_FILE = "config.json"
 CONFIG_DIR = "/etc/kubetune"
 VOLUMES_DIR = "/mnt/volumes"
 CACHE_DIR = "/cache"
+REPORT_TOKEN_DIR = "/var/run/secrets/kubetune"
+REPORT_TOKEN_SECONDS = 3600  # the kubelet renews it at 80% of that
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 TRAINER_UID = 10001  # the trainer image's user
@@ -86,7 +89,7 @@ def mounted_path(location: VolumeLocation) -> str:
     return f"{base}/{location.path.strip('/')}" if location.path.strip("/") else base
 
 
-def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
+def trainer_config(body: Obj, spec: FineTuningJobSpec, settings: OperatorSettings) -> TrainerConfig:
     meta = body["metadata"]
     return TrainerConfig(
         job=JobIdentity(
@@ -105,62 +108,27 @@ def trainer_config(body: Obj, spec: FineTuningJobSpec) -> TrainerConfig:
             output=mounted_path(spec.output.job_location(meta["name"], meta["uid"])),
             cache=f"{CACHE_DIR}/huggingface",
         ),
-        report=ReportTarget(config_map=naming.report_config_map_name(meta["name"])),
+        report=ReportTarget(endpoint=report_endpoint(settings)),
     )
 
 
-def trainer_config_annotation(body: Obj, spec: FineTuningJobSpec) -> str:
+def report_endpoint(settings: OperatorSettings) -> ReportEndpoint | None:
+    if not (settings.report_url and settings.report_port):
+        return None
+    return ReportEndpoint(
+        url=settings.report_url,
+        token_file=f"{REPORT_TOKEN_DIR}/token",
+        ca_pem=settings.report_ca_pem,
+    )
+
+
+def trainer_config_annotation(
+    body: Obj, spec: FineTuningJobSpec, settings: OperatorSettings
+) -> str:
     """The trainer's resolved configuration, carried by its pod template and projected
     into the pod as a file (downward API): no ConfigMap to create, watch or clean up,
     and it cannot drift from the pods it configures."""
-    return trainer_config(body, spec).model_dump_json(by_alias=True, exclude_none=True)
-
-
-def desired_report_config_map(body: Obj) -> Obj:
-    """Where the trainer reports progress; created empty, written only by the trainer."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            body, naming.report_config_map_name(body["metadata"]["name"]), naming.COMPONENT_REPORT
-        ),
-    }
-
-
-def desired_trainer_rbac(body: Obj) -> list[Obj]:
-    """A ServiceAccount per job whose only right is to update that job's report ConfigMap."""
-    owner = body["metadata"]["name"]
-    account = naming.trainer_account_name(owner)
-    meta = _meta(body, account, naming.COMPONENT_TRAINER)
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {
-                    "apiGroups": [""],
-                    "resources": ["configmaps"],
-                    "resourceNames": [naming.report_config_map_name(owner)],
-                    "verbs": ["get", "patch", "update"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            "subjects": [
-                {
-                    "kind": "ServiceAccount",
-                    "name": account,
-                    "namespace": body["metadata"]["namespace"],
-                }
-            ],
-        },
-    ]
+    return trainer_config(body, spec, settings).model_dump_json(by_alias=True, exclude_none=True)
 
 
 def _cpu_threads(quantity: str, processes: int) -> int:
@@ -199,7 +167,7 @@ def _env(spec: FineTuningJobSpec, mode: TrainerMode = TrainerMode.TRAIN) -> list
 
 
 def _volumes(
-    body: Obj, spec: FineTuningJobSpec, *, writable_output: bool
+    spec: FineTuningJobSpec, settings: OperatorSettings, *, writable_output: bool
 ) -> tuple[list[Obj], list[Obj]]:
     config_field = f"metadata.annotations['{naming.ANNOTATION_TRAINER_CONFIG}']"
     volumes: list[Obj] = [
@@ -219,6 +187,18 @@ def _volumes(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    if report_endpoint(settings) is not None:
+        # The pod's only credential: a token for the operator's audience, which proves
+        # to the report endpoint which pod is speaking and is worth nothing elsewhere.
+        token = {
+            "audience": settings.report_audience,
+            "expirationSeconds": REPORT_TOKEN_SECONDS,
+            "path": "token",
+        }
+        volumes.append(
+            {"name": "report-token", "projected": {"sources": [{"serviceAccountToken": token}]}}
+        )
+        mounts.append({"name": "report-token", "mountPath": REPORT_TOKEN_DIR, "readOnly": True})
     for index, (claim, writable) in enumerate(sorted(_claims(spec).items())):
         name = f"data-{index}"
         read_only = not (writable and writable_output)
@@ -371,12 +351,14 @@ def desired_job(
         if resources.gpus:
             tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
 
-    volumes, mounts = _volumes(body, spec, writable_output=training)
+    volumes, mounts = _volumes(spec, settings, writable_output=training)
     pod_security, container_security = _security_contexts()
     pod_labels = {**spec.pod_metadata.labels, **naming.labels(owner, meta["uid"], component)}
     pod_spec: Obj = {
         "restartPolicy": "Never",
-        "serviceAccountName": naming.trainer_account_name(owner),
+        # The namespace's default ServiceAccount, without its API token: the trainer
+        # needs no rights in the cluster.
+        "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "containers": [
@@ -418,7 +400,7 @@ def desired_job(
     pod_annotations = {
         **spec.pod_metadata.annotations,
         naming.ANNOTATION_OWNER: owner,
-        naming.ANNOTATION_TRAINER_CONFIG: trainer_config_annotation(body, spec),
+        naming.ANNOTATION_TRAINER_CONFIG: trainer_config_annotation(body, spec, settings),
     }
     job_annotations = {naming.ANNOTATION_SPEC_HASH: spec_hash(spec)}
     if distributed:

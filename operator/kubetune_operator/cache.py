@@ -303,8 +303,6 @@ MANAGED_SELECTOR = f"{naming.LABEL_MANAGED_BY}={naming.MANAGER}"
 WATCHED = (
     Resource("Job", "batch", "v1", "jobs", MANAGED_SELECTOR),
     Resource("Pod", "", "v1", "pods", MANAGED_SELECTOR),
-    Resource("ConfigMap", "", "v1", "configmaps", MANAGED_SELECTOR),
-    Resource("ServiceAccount", "", "v1", "serviceaccounts", MANAGED_SELECTOR),
     # Any RegisteredModel may hold the name a job registers under: no selector.
     Resource(rm.KIND, GROUP, VERSION, rm.PLURAL),
 )

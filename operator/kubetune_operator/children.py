@@ -21,6 +21,7 @@ from kubetune_operator import naming
 from kubetune_operator import observed as obs
 from kubetune_operator.cache import Cache
 from kubetune_operator.observed import Obj
+from kubetune_operator.reports import ReportStore
 
 log = logging.getLogger("kubetune.operator")
 
@@ -36,11 +37,11 @@ class Clients:
 
     api: client.ApiClient
     cache: Cache
+    reports: ReportStore
 
     def __post_init__(self) -> None:
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
-        self.rbac = client.RbacAuthorizationV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
     def plain(self, obj: Any) -> Obj:
@@ -125,19 +126,6 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             clients.custom.get_namespaced_custom_object(group, version, namespace, rm.PLURAL, name),
         )
     create, read = {
-        "ConfigMap": (
-            clients.core.create_namespaced_config_map,
-            clients.core.read_namespaced_config_map,
-        ),
-        "ServiceAccount": (
-            clients.core.create_namespaced_service_account,
-            clients.core.read_namespaced_service_account,
-        ),
-        "Role": (clients.rbac.create_namespaced_role, clients.rbac.read_namespaced_role),
-        "RoleBinding": (
-            clients.rbac.create_namespaced_role_binding,
-            clients.rbac.read_namespaced_role_binding,
-        ),
         "Job": (clients.batch.create_namespaced_job, clients.batch.read_namespaced_job),
         "Service": (
             clients.core.create_namespaced_service,
@@ -168,7 +156,7 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
 
 def _cached(clients: Clients, obj: Obj) -> Obj:
     """Keep what a write answered: the next reconcile must not act on an older copy."""
-    if obj.get("kind") in ("Job", "ConfigMap", "ServiceAccount", rm.KIND):
+    if obj.get("kind") in ("Job", rm.KIND):
         clients.cache.put(obj)
     return obj
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,10 +24,13 @@ from urllib3.exceptions import HTTPError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
+from kubetune.api.trainer import REPORT_PROGRESS_KEY
 from kubetune_operator import metrics, naming
 from kubetune_operator.cache import Cache, slim
 from kubetune_operator.leader import LeaderElector, default_identity
 from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
+from kubetune_operator.reports import ReportEndpoint, ReportStore, TokenReviewer, server_tls
+from kubetune_operator.reports import serve as serve_reports
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.workqueue import Key, WorkQueue
 
@@ -47,7 +52,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
             loop.call_soon_threadsafe(memo.queue.add, (obj["metadata"]["namespace"], owner))
 
     memo.cache = Cache(memo.watch_api, config.namespaces, child_changed)
-    memo.clients = Clients(memo.api, memo.cache)
+    memo.reports = ReportStore()
+    memo.clients = Clients(memo.api, memo.cache, memo.reports)
     memo.cache.start()
     memo.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
     memo.tasks = [asyncio.create_task(memo.queue.run_timers())]
@@ -61,6 +67,35 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         )
         memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
+    memo.report_server = None
+    if config.report_port:
+        endpoint = ReportEndpoint(
+            memo.cache,
+            memo.reports,
+            TokenReviewer(memo.api, config.report_audience),
+            memo.executor,
+            _report_arrived(memo.queue, config.report_status_interval_seconds),
+            lambda: memo.elector is None or memo.elector.is_leader,
+        )
+        tls = server_tls(config.report_tls_cert, config.report_tls_key)
+        memo.report_server = await serve_reports(endpoint, config.report_port, tls)
+
+
+def _report_arrived(queue: WorkQueue, interval: float) -> Callable[[Key, str], None]:
+    """Progress reaches the status at most once per `interval` per job; a validation
+    or a result at once."""
+    last: dict[Key, float] = {}
+
+    def arrived(key: Key, kind: str) -> None:
+        now = time.monotonic()
+        wait = last.get(key, -interval) + interval - now
+        if kind == REPORT_PROGRESS_KEY and wait > 0:
+            queue.add_after(key, wait)
+            return
+        last[key] = now
+        queue.add(key)
+
+    return arrived
 
 
 @kopf.on.login()
@@ -79,6 +114,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     if getattr(memo, "cache", None) is not None:
         memo.cache.stop()
+    if getattr(memo, "report_server", None) is not None:
+        await memo.report_server.cleanup()
     if getattr(memo, "elector", None) is not None:
         memo.elector.release()
     if getattr(memo, "executor", None):
@@ -149,6 +186,7 @@ async def finetuningjob_changed(
         return
     if event.get("type") == "DELETED":
         cache.forget(ftj.KIND, namespace, name)
+        memo.reports.forget(namespace, name)
         metrics.forget(namespace, name)
         return
     body = slim(copy.deepcopy(dict(event["object"])))

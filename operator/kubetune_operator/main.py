@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -55,6 +56,9 @@ def run(settings: OperatorSettings) -> None:
         # kopf's own login reads the same file.
         os.environ["KUBECONFIG"] = settings.kubeconfig
     metrics.serve(settings.metrics_port)
+    ca_file = settings.report_ca or settings.report_tls_cert
+    if ca_file and not settings.report_ca_pem:
+        settings = settings.model_copy(update={"report_ca_pem": Path(ca_file).read_text()})
     memo = kopf.Memo(
         config=settings,
         # Reconciles on one pool, watches (each holds a connection) on another.
@@ -91,6 +95,12 @@ def run(settings: OperatorSettings) -> None:
 @click.option("--leader-election-id", help="Name of the leader-election Lease.")
 @click.option("--leader-election-namespace", help="Namespace of the leader-election Lease.")
 @click.option("--workers", type=int, help="Concurrent reconciles.")
+@click.option("--report-port", type=int, help="Port of the report endpoint (0 disables).")
+@click.option("--report-url", help="URL trainer pods reach the report endpoint at.")
+@click.option("--report-audience", help="Audience of the tokens trainers report with.")
+@click.option("--report-tls-cert", type=click.Path(exists=True, dir_okay=False))
+@click.option("--report-tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--report-ca", type=click.Path(exists=True, dir_okay=False))
 @click.option("--api-qps", type=float, help="Requests per second to the API server (0: no limit).")
 @click.option("--api-burst", type=int, help="Requests the operator may send at once.")
 @click.option(

@@ -28,7 +28,6 @@ ANNOTATION_TRAINER_CONFIG = "kubetune.dev/trainer-config"
 
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATOR = "dataset-validator"
-COMPONENT_REPORT = "report"
 
 # A Job's name ends up in a label of its pods: at most 63 characters.
 _MAX_NAME = 63
@@ -57,14 +56,6 @@ def rendezvous_service_name(owner: str) -> str:
 
 def validate_job_name(owner: str) -> str:
     return child_name(owner, "validate")
-
-
-def report_config_map_name(owner: str) -> str:
-    return child_name(owner, "report")
-
-
-def trainer_account_name(owner: str) -> str:
-    return child_name(owner, "trainer")
 
 
 def label_value(value: str) -> str:

@@ -37,8 +37,6 @@ class Observed:
     validate_pods: list[Obj] = field(default_factory=list)
     train_pods: list[Obj] = field(default_factory=list)
     report: dict[str, str] = field(default_factory=dict)
-    report_config_map: Obj | None = None
-    service_account: Obj | None = None
     registered_model: Obj | None = None
     # A child that could not be created: (condition reason, message).
     blocked: tuple[str, str] | None = None

@@ -70,14 +70,6 @@ def plan(
     if status.phase == Phase.SUCCEEDED:
         return result
 
-    if train is None:
-        # Created before any Job, in this order: once the training Job exists,
-        # so do they (and the observation no longer reads them).
-        if observed.report_config_map is None:
-            result.create.append(builders.desired_report_config_map(body))
-        if observed.service_account is None:
-            result.create.extend(builders.desired_trainer_rbac(body))
-
     if not conds.is_true(c.DATASET_VALIDATED):
         if observed.validate_job is None and spec.dataset.validate_first:
             result.create.append(

@@ -76,15 +76,6 @@ def observe(
         return Observed(now=now, train_job=train_job, validate_job=validate_job)
 
     pods = cache.children("Pod", namespace, uid)
-    config_maps = {
-        cm["metadata"]["name"]: cm
-        for cm in cache.children("ConfigMap", namespace, uid)
-        if obs.controlled_by(cm, uid)
-    }
-    report_map = config_maps.get(naming.report_config_map_name(name))
-    accounts = [
-        sa for sa in cache.children("ServiceAccount", namespace, uid) if obs.controlled_by(sa, uid)
-    ]
     registered = None
     succeeded = obs.job_condition(train_job, "Complete") or any(
         cond.type == c.SUCCEEDED and cond.status == "True" for cond in status.conditions
@@ -102,9 +93,7 @@ def observe(
         train_job=train_job,
         validate_pods=[p for p in pods if component(p) == naming.COMPONENT_VALIDATOR],
         train_pods=[p for p in pods if component(p) == naming.COMPONENT_TRAINER],
-        report=(report_map or {}).get("data") or {},
-        report_config_map=report_map,
-        service_account=accounts[0] if accounts else None,
+        report=clients.reports.get(namespace, name, uid),
         registered_model=registered,
     )
 

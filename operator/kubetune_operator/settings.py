@@ -49,6 +49,33 @@ class OperatorSettings(BaseModel):
     leader_election_namespace: str = Field(
         default="default", description="Namespace of the leader-election Lease."
     )
+    report_port: int = Field(
+        default=8443, description="Port of the endpoint trainers report to (0 disables)."
+    )
+    report_url: str = Field(
+        default="",
+        description="URL trainer pods reach the report endpoint at (for example "
+        "https://kubetune-operator.kubetune-system.svc:8443); empty: results only through "
+        "termination messages, no live progress.",
+    )
+    report_audience: str = Field(
+        default="kubetune-operator",
+        description="Audience of the service-account tokens trainers report with.",
+    )
+    report_tls_cert: str | None = Field(
+        default=None, description="TLS certificate file of the report endpoint."
+    )
+    report_tls_key: str | None = Field(default=None, description="Its private key file.")
+    report_ca: str | None = Field(
+        default=None,
+        description="CA file trainers verify the endpoint with (default: the certificate).",
+    )
+    report_ca_pem: str | None = Field(
+        default=None, description="The CA itself (read from report_ca at start)."
+    )
+    report_status_interval_seconds: float = Field(
+        default=10.0, description="Write a job's progress to its status at most this often."
+    )
     kubeconfig: str | None = Field(
         default=None, description="Kubeconfig path (unset: in-cluster or default)."
     )

@@ -39,14 +39,7 @@ ALLOWED = [
     ("get", "registeredmodels.kubetune.dev", None),
     ("watch", "registeredmodels.kubetune.dev", None),
     ("watch", "jobs.batch", None),
-    ("watch", "configmaps", None),
-    ("watch", "serviceaccounts", None),
-    ("create", "configmaps", None),
-    ("patch", "configmaps", None),
     ("create", "services", None),
-    ("create", "serviceaccounts", None),
-    ("create", "roles.rbac.authorization.k8s.io", None),
-    ("create", "rolebindings.rbac.authorization.k8s.io", None),
     ("create", "events", None),
 ]
 # ... and what it must not.
@@ -61,8 +54,18 @@ DENIED = [
     ("delete", "finetuningjobs.kubetune.dev", None),
     ("delete", "registeredmodels.kubetune.dev", None),
     ("patch", "registeredmodels.kubetune.dev", None),
+    # No per-job objects any more: no ConfigMaps, identities or RBAC to create.
+    ("create", "configmaps", None),
+    ("get", "configmaps", None),
+    ("create", "serviceaccounts", None),
+    ("create", "serviceaccounts", "token"),
+    ("create", "roles.rbac.authorization.k8s.io", None),
+    ("create", "rolebindings.rbac.authorization.k8s.io", None),
     ("bind", "roles.rbac.authorization.k8s.io", None),
     ("escalate", "roles.rbac.authorization.k8s.io", None),
+]
+CLUSTER_ALLOWED = [
+    ("create", "tokenreviews.authentication.k8s.io", None),  # who sent a report
 ]
 CLUSTER_DENIED = [
     ("delete", "namespaces", None),
@@ -162,30 +165,12 @@ def test_install_upgrade_uninstall(
             allowed = cli.can_i(account, where, ALLOWED + DENIED)
             assert [c for c in ALLOWED if not allowed[c]] == [], where
             assert [c for c in DENIED if allowed[c]] == [], where
-        cluster = cli.can_i(account, None, CLUSTER_DENIED)
+        cluster = cli.can_i(account, None, CLUSTER_DENIED + CLUSTER_ALLOWED)
         assert [c for c in CLUSTER_DENIED if cluster[c]] == []
-
-        # RBAC escalation prevention lets it grant the trainer's rights only
-        # because it holds them: the per-job Role and RoleBinding go through.
-        as_operator = [f"--as={account}", "--namespace", namespace, "--dry-run=server"]
-        cli.kubectl(
-            "create", "role", "probe-trainer", "--verb=get,patch,update",
-            "--resource=configmaps", "--resource-name=probe-report", *as_operator,
-        )  # fmt: skip
-        # (A binding's check resolves the Role: create it for real, as admin.)
-        cli.kubectl(
-            "create", "role", "probe-trainer", "--verb=get,patch,update",
-            "--resource=configmaps", "--resource-name=probe-report", "--namespace", namespace,
-        )  # fmt: skip
-        cli.kubectl(
-            "create", "rolebinding", "probe-trainer", "--role=probe-trainer",
-            f"--serviceaccount={namespace}:probe-trainer", *as_operator,
-        )  # fmt: skip
-        denied = cli.kubectl(
-            "create", "role", "probe-secrets", "--verb=get", "--resource=secrets", *as_operator,
-            check=False,
-        )  # fmt: skip
-        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+        assert [c for c in CLUSTER_ALLOWED if not cluster[c]] == []
+        # The report endpoint's certificate, made once and kept by an upgrade.
+        secret = kube.core.read_namespaced_secret(f"{fullname}-reports-tls", namespace)
+        assert set(secret.data) == {"tls.crt", "tls.key", "ca.crt"}
 
         # Upgrade: watch only this namespace, other settings.
         cli.helm(
@@ -193,6 +178,9 @@ def test_install_upgrade_uninstall(
             "--set", "operator.workers=3", "--set", f"watchNamespaces={{{namespace}}}",
         )  # fmt: skip
         env = _env(kube, namespace, fullname)
+        kept = kube.core.read_namespaced_secret(f"{fullname}-reports-tls", namespace)
+        assert kept.data == secret.data
+        assert env["KUBETUNE_REPORT_URL"] == f"https://{fullname}-reports.{namespace}.svc:8443"
         assert env["KUBETUNE_WORKERS"] == "3"
         assert env["KUBETUNE_NAMESPACES"] == namespace
         assert not _exists(kube.rbac.read_cluster_role, fullname)

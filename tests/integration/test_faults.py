@@ -54,16 +54,10 @@ def test_children_of_an_earlier_job_of_the_same_name_are_never_adopted(kube: Kub
     assert "does not adopt it" in ft.condition(status, "Running")["message"]
     assert train_job(kube, ns, "reborn").metadata.labels["kubetune.dev/job-uid"] == first
 
-    for kind in ("job", "config_map", "service_account"):
-        lister = getattr(kube.batch if kind == "job" else kube.core, f"list_namespaced_{kind}")
-        deleter = getattr(kube.batch if kind == "job" else kube.core, f"delete_namespaced_{kind}")
-        for old in lister(ns, label_selector=f"kubetune.dev/job-uid={first}").items:
-            deleter(old.metadata.name, ns, propagation_policy="Background")
-    for kind in ("role", "role_binding"):
-        for old in getattr(kube.rbac, f"list_namespaced_{kind}")(
-            ns, label_selector=f"kubetune.dev/job-uid={first}"
-        ).items:
-            getattr(kube.rbac, f"delete_namespaced_{kind}")(old.metadata.name, ns)
+    for old in kube.batch.list_namespaced_job(
+        ns, label_selector=f"kubetune.dev/job-uid={first}"
+    ).items:
+        kube.batch.delete_namespaced_job(old.metadata.name, ns, propagation_policy="Background")
 
     done = ft.wait_phase(kube, ns, "reborn", "Succeeded")
     second = done["metadata"]["uid"]

@@ -17,6 +17,7 @@ from kubetune.api.trainer import ProgressReport
 from kubetune.dev.processes import OperatorProcess
 from kubetune.dev.tools import ensure_tools
 from tests.support import finetuning as ft
+from tests.support import reports
 from tests.support.kube import Kube, wait_for, wait_gone
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -49,12 +50,15 @@ def registered_models(kube: Kube, ns: str) -> list[dict]:
     ]
 
 
-def test_success_path_validates_trains_reports_progress_and_registers(kube: Kube, ns: str) -> None:
+def test_success_path_validates_trains_reports_progress_and_registers(
+    kube: Kube, ns: str, operator: OperatorProcess
+) -> None:
     ft.create(kube, ns, ft.manifest("support-bot", duration="3s"))
 
     status = ft.wait_phase(kube, ns, "support-bot", "Validating")["status"]
     assert ft.condition(status, "DatasetValidated")["status"] == "Unknown"
-    # The trainer (simulated) reports progress through its report ConfigMap.
+    # The trainer (simulated) reports progress to the operator's endpoint with its
+    # pod's token.
     progress = ProgressReport(
         step=120,
         total_steps=600,
@@ -64,17 +68,10 @@ def test_success_path_validates_trains_reports_progress_and_registers(kube: Kube
         eta_seconds=260,
         timestamp="2026-11-25T12:00:00Z",
     )
-    wait_for(
-        kube.core.list_namespaced_config_map,
-        lambda cm: True,
-        namespace=ns,
-        field_selector="metadata.name=support-bot-report",
-        timeout=ft.TIMEOUT,
-        describe="report ConfigMap",
-    )
-    kube.core.patch_namespaced_config_map(
-        "support-bot-report", ns, {"data": {"progress": progress.model_dump_json(by_alias=True)}}
-    )
+    pod = reports.first_pod(kube, ns, "support-bot", "dataset-validator")
+    token = reports.pod_token(kube, ns, pod)
+    document = progress.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert reports.post(operator, ns, "support-bot", {"progress": document}, token)[0] == 204
 
     running = ft.wait_status(
         kube,
@@ -459,11 +456,7 @@ def test_deleting_the_job_stops_training_and_keeps_registered_models(kube: Kube,
 
     for name in ("done-then-deleted", "deleted-while-running"):
         kube.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "finetuningjobs", name)
-        for list_fn in (
-            kube.batch.list_namespaced_job,
-            kube.core.list_namespaced_pod,
-            kube.core.list_namespaced_config_map,
-        ):
+        for list_fn in (kube.batch.list_namespaced_job, kube.core.list_namespaced_pod):
             wait_gone(
                 list_fn,
                 namespace=ns,

@@ -47,24 +47,14 @@ OPERATOR_RULES = [
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "verbs": ["get", "list", "watch", "create", "patch", "update"],
-    },
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
-    {
-        "apiGroups": [""],
-        "resources": ["serviceaccounts"],
-        "verbs": ["get", "list", "watch", "create"],
-    },
-    {
-        "apiGroups": ["rbac.authorization.k8s.io"],
-        "resources": ["roles", "rolebindings"],
-        "verbs": ["get", "create"],
-    },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+TOKEN_REVIEWS = {
+    "apiGroups": ["authentication.k8s.io"],
+    "resources": ["tokenreviews"],
+    "verbs": ["create"],
+}
 CRD_DISCOVERY = {
     "apiGroups": ["apiextensions.k8s.io"],
     "resources": ["customresourcedefinitions"],
@@ -225,14 +215,18 @@ def test_default_objects(render) -> None:
         [
             ("ClusterRole", FULLNAME),
             ("ClusterRole", f"{FULLNAME}-kopf"),
+            ("ClusterRole", f"{FULLNAME}-reports"),
             ("ClusterRoleBinding", FULLNAME),
             ("ClusterRoleBinding", f"{FULLNAME}-kopf"),
+            ("ClusterRoleBinding", f"{FULLNAME}-reports"),
             ("CustomResourceDefinition", "finetuningjobs.kubetune.dev"),
             ("CustomResourceDefinition", "registeredmodels.kubetune.dev"),
             ("Deployment", FULLNAME),
             ("Role", f"{FULLNAME}-leader-election"),
             ("RoleBinding", f"{FULLNAME}-leader-election"),
             ("Service", f"{FULLNAME}-metrics"),
+            ("Service", f"{FULLNAME}-reports"),
+            ("Secret", f"{FULLNAME}-reports-tls"),
             ("ServiceAccount", FULLNAME),
         ]
     )
@@ -276,12 +270,15 @@ def test_deployment_is_restricted_and_probed(render) -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": 8080, "health": 8081}
+    assert ports == {"metrics": 8080, "health": 8081, "reports": 8443}
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
     assert container["resources"]["limits"] == {"memory": "512Mi"}
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {
+        "/tmp",
+        "/etc/kubetune/reports-tls",
+    }
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
@@ -343,8 +340,11 @@ def test_default_settings_match_the_operator_defaults(render, monkeypatch) -> No
     assert "KUBETUNE_NAMESPACES" not in _env(render())
     assert rendered.leader_election is True  # the chart's default; a local run's is off
     elected = ("leader_election", "leader_election_id", "leader_election_namespace")
+    # Where the chart's Service and certificate are: known only to the chart.
+    reporting = ("report_url", "report_tls_cert", "report_tls_key", "report_ca")
+    assert rendered.report_url == f"https://{FULLNAME}-reports.{NAMESPACE}.svc:8443"
     for field in OperatorSettings.model_fields:
-        if field not in ("namespaces", "kubeconfig", *elected):
+        if field not in ("namespaces", "kubeconfig", *elected, *reporting):
             assert getattr(rendered, field) == getattr(defaults, field), field
 
 
@@ -355,7 +355,8 @@ def test_clusterwide_rbac_is_exactly_what_the_operator_uses(render) -> None:
     objects = render()
     assert _one(objects, "ClusterRole", FULLNAME)["rules"] == OPERATOR_RULES
     assert _one(objects, "ClusterRole", f"{FULLNAME}-kopf")["rules"] == [CRD_DISCOVERY]
-    for name in (FULLNAME, f"{FULLNAME}-kopf"):
+    assert _one(objects, "ClusterRole", f"{FULLNAME}-reports")["rules"] == [TOKEN_REVIEWS]
+    for name in (FULLNAME, f"{FULLNAME}-kopf", f"{FULLNAME}-reports"):
         binding = _one(objects, "ClusterRoleBinding", name)
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -390,10 +391,12 @@ def test_watched_namespaces_get_roles_and_no_cluster_role(render) -> None:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
         ]
-    # Only kopf's cluster-scoped reads stay cluster-wide.
-    [cluster_role] = _of_kind(objects, "ClusterRole")
-    assert cluster_role["metadata"]["name"] == f"{FULLNAME}-kopf"
-    assert cluster_role["rules"] == [CRD_DISCOVERY, NAMESPACE_DISCOVERY]
+    # Only kopf's cluster-scoped reads and TokenReviews stay cluster-wide.
+    cluster_roles = {r["metadata"]["name"]: r["rules"] for r in _of_kind(objects, "ClusterRole")}
+    assert cluster_roles == {
+        f"{FULLNAME}-kopf": [CRD_DISCOVERY, NAMESPACE_DISCOVERY],
+        f"{FULLNAME}-reports": [TOKEN_REVIEWS],
+    }
     assert _env(objects)["KUBETUNE_NAMESPACES"] == "team-a,team-b"
 
 
@@ -438,7 +441,7 @@ def test_rbac_never_grants_more(render, name: str) -> None:
 
 
 def test_metrics_service(render) -> None:
-    service = _one(render(), "Service")
+    service = _one(render(), "Service", f"{FULLNAME}-metrics")
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
     ]
@@ -462,8 +465,13 @@ def test_network_policy(render) -> None:
     policy = _one(render(VALUE_SETS["everything"]), "NetworkPolicy")
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    [ingress] = spec["ingress"]
+    ingress, reports = spec["ingress"]
     assert {p["port"] for p in ingress["ports"]} == {"metrics", "health"}
+    # Trainers report from any namespace.
+    assert reports == {
+        "ports": [{"port": "reports", "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {}}],
+    }
     egress_ports = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
     assert egress_ports == {(53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")}
     restricted = render(

@@ -61,7 +61,9 @@ def run(
     spec = config.spec
     processes = Processes.from_environment()
     reporter = Reporter(
-        config.report if processes.is_main else ReportTarget(), config.job.namespace
+        config.report if processes.is_main else ReportTarget(),
+        config.job.namespace,
+        config.job.name,
     )
     device = device_for(processes)
     seed_everything(config.hyperparameters.seed)

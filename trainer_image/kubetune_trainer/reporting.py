@@ -1,4 +1,4 @@
-"""Reports to the operator (report ConfigMap) or a local file, and the termination message.
+"""Reports to the operator (its report endpoint) or a local file, and the termination message.
 
 A failure to report is logged and never stops training.
 """
@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import tempfile
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,10 +20,12 @@ from kubetune.api.trainer import (
     REPORT_PROGRESS_KEY,
     REPORT_RESULT_KEY,
     REPORT_VALIDATION_KEY,
+    REPORTS_PATH,
     TERMINATION_MESSAGE_MAX_BYTES,
     TERMINATION_MESSAGE_PATH,
     ErrorReport,
     ProgressReport,
+    ReportEndpoint,
     ReportTarget,
     ResultReport,
     TrainerTermination,
@@ -31,7 +35,7 @@ from kubetune.api.trainer import (
 log = logging.getLogger(__name__)
 
 # Progress is sent at most this often (the final one always goes out).
-CONFIG_MAP_MIN_INTERVAL_S = 10.0
+ENDPOINT_MIN_INTERVAL_S = 10.0
 FILE_MIN_INTERVAL_S = 0.0
 TERMINATION_PATH_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
 
@@ -40,35 +44,38 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-class ConfigMapSink:
-    """Patches keys of the job's report ConfigMap with the pod's service account."""
+class EndpointSink:
+    """POSTs reports to the operator over HTTPS with the pod's audience-bound token.
 
-    def __init__(self, name: str, namespace: str) -> None:
-        self.name = name
-        self.namespace = namespace
-        self._api = None
+    The pod holds no rights in the cluster: the token only proves to the
+    operator which pod is speaking. It is read again for every report, as the
+    kubelet renews it in place.
+    """
 
-    def _client(self):
-        if self._api is None:
-            from kubernetes import client, config
+    TIMEOUT_S = 10.0
 
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                # Not in a kubelet-run container (a development node agent, say):
-                # the pod's service-account token comes in the file KUBECONFIG names.
-                config.load_kube_config()
-            self._api = client.CoreV1Api()
-        return self._api
+    def __init__(self, endpoint: ReportEndpoint, namespace: str, name: str) -> None:
+        self.url = f"{endpoint.url.rstrip('/')}{REPORTS_PATH}/{namespace}/{name}"
+        self.token_file = Path(endpoint.token_file)
+        self.context = (
+            ssl.create_default_context(cadata=endpoint.ca_pem) if endpoint.ca_pem else None
+        )
 
     def write(self, key: str, document: str) -> None:
-        self._client().patch_namespaced_config_map(
-            self.name, self.namespace, {"data": {key: document}}
+        token = self.token_file.read_text(encoding="utf-8").strip()
+        body = json.dumps({key: json.loads(document)}).encode()
+        request = urllib.request.Request(
+            self.url,
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT_S, context=self.context):
+            pass  # any answer but 2xx raises
 
 
 class FileSink:
-    """A local JSON file holding the same keys as the report ConfigMap, replaced atomically."""
+    """A local JSON file holding the same keys the endpoint receives, replaced atomically."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -93,11 +100,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Reporter:
-    def __init__(self, target: ReportTarget, namespace: str) -> None:
+    def __init__(self, target: ReportTarget, namespace: str, name: str) -> None:
         self.sinks: list[tuple[object, float]] = []
-        if target.config_map:
+        if target.endpoint:
             self.sinks.append(
-                (ConfigMapSink(target.config_map, namespace), CONFIG_MAP_MIN_INTERVAL_S)
+                (EndpointSink(target.endpoint, namespace, name), ENDPOINT_MIN_INTERVAL_S)
             )
         if target.file:
             self.sinks.append((FileSink(target.file), FILE_MIN_INTERVAL_S))
@@ -162,6 +169,6 @@ def _shorten(termination: TrainerTermination) -> str:
         termination.validation.steps = []
         document = termination.model_dump_json(by_alias=True, exclude_none=True)
     if len(document.encode()) > TERMINATION_MESSAGE_MAX_BYTES and termination.result:
-        termination.result.hyperparameters = None  # the report ConfigMap still has them
+        termination.result.hyperparameters = None  # the endpoint got them with the result
         document = termination.model_dump_json(by_alias=True, exclude_none=True)
     return document

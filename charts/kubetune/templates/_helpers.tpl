@@ -85,22 +85,9 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Report ConfigMaps. update is not used directly: the per-job
-# trainer Role grants get/patch/update on the report ConfigMap, and RBAC lets
-# a subject grant only verbs it holds itself.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
 # The headless Service that gives the pods of a multi-node job stable names.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "create"]
-# The per-job trainer identity: ServiceAccount, Role and RoleBinding.
-- apiGroups: [""]
-  resources: ["serviceaccounts"]
-  verbs: ["get", "list", "watch", "create"]
-- apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
   verbs: ["get", "create"]
 # One event per condition transition of a FineTuningJob.
 - apiGroups: [""]

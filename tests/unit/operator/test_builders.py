@@ -78,8 +78,8 @@ def test_children_are_owned_and_labelled() -> None:
     body = make_body()
     objects = [
         train_job(body),
-        builders.desired_report_config_map(body),
-        *builders.desired_trainer_rbac(body),
+        builders.desired_job(body, parse(body), SETTINGS, TrainerMode.VALIDATE, suspend=False),
+        builders.desired_rendezvous_service(body),
     ]
     for obj in objects:
         meta = obj["metadata"]
@@ -113,7 +113,7 @@ def test_secrets_are_only_referenced() -> None:
         "name": "HF_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
     }
-    rendered = builders.trainer_config_annotation(body, parse(body))
+    rendered = builders.trainer_config_annotation(body, parse(body), SETTINGS)
     assert "valueFrom" not in rendered and "hf" not in json.loads(rendered)["paths"].values()
 
 
@@ -136,7 +136,7 @@ def test_trainer_config_maps_volumes_to_mounts() -> None:
     assert config.paths.dataset == "/mnt/volumes/data/train.jsonl"
     # Its own folder: no other job (another name, or this name created again) shares it.
     assert config.paths.output == "/mnt/volumes/models/out/run-1/run-1-uid"
-    assert config.report.config_map == "run-1-report"
+    assert config.report.endpoint is None  # no endpoint configured
     assert config.hyperparameters.epochs == 3
     mounts = {m["mountPath"]: m for m in container(train_job(body))["volumeMounts"]}
     # The output claim is shared with the base model: mounted once, writable.
@@ -144,19 +144,37 @@ def test_trainer_config_maps_volumes_to_mounts() -> None:
     assert mounts["/mnt/volumes/data"]["readOnly"] is True
 
 
-def test_trainer_account_may_only_touch_its_own_report() -> None:
-    _, role, binding = builders.desired_trainer_rbac(make_body())
-    assert role["rules"] == [
-        {
-            "apiGroups": [""],
-            "resources": ["configmaps"],
-            "resourceNames": ["run-1-report"],
-            "verbs": ["get", "patch", "update"],
-        }
-    ]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "run-1-trainer", "namespace": "team-a"}
-    ]
+def test_trainer_pods_have_no_api_rights_only_a_token_for_the_report_endpoint() -> None:
+    reporting = OperatorSettings(
+        trainer_image="registry.example/trainer:1",
+        report_url="https://ops.kubetune.svc:8443",
+        report_ca_pem="-----BEGIN CERTIFICATE-----...",
+    )
+    body = make_body()
+    for mode in TrainerMode:
+        job = builders.desired_job(body, parse(body), reporting, mode, suspend=False)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert "serviceAccountName" not in pod  # the namespace's default, with no token
+        [token] = [v for v in pod["volumes"] if v["name"] == "report-token"]
+        assert token["projected"]["sources"] == [
+            {
+                "serviceAccountToken": {
+                    "audience": "kubetune-operator",
+                    "expirationSeconds": 3600,
+                    "path": "token",
+                }
+            }
+        ]
+        config = TrainerConfig.model_validate_json(
+            job["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_TRAINER_CONFIG]
+        )
+        assert config.report.endpoint.url == "https://ops.kubetune.svc:8443"
+        assert config.report.endpoint.token_file == "/var/run/secrets/kubetune/token"
+        assert config.report.endpoint.ca_pem.startswith("-----BEGIN CERTIFICATE")
+    # Without an endpoint (none configured): no token at all.
+    pod = train_job(body)["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if v["name"] == "report-token"]
 
 
 def test_passthrough_of_placement_and_queue() -> None:

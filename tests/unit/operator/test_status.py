@@ -357,18 +357,11 @@ def test_plan_creates_children_then_validation_then_training() -> None:
     status = derive(body)
     first = plan(body, parse(body), status, Observed(now=NOW), SETTINGS)
     kinds = [(o["kind"], o["metadata"]["name"]) for o in first.create]
-    assert kinds == [
-        ("ConfigMap", "run-1-report"),
-        ("ServiceAccount", "run-1-trainer"),
-        ("Role", "run-1-trainer"),
-        ("RoleBinding", "run-1-trainer"),
-        ("Job", "run-1-validate"),
-    ]
+    # Nothing but the Jobs: no ConfigMaps, ServiceAccounts or RBAC per job.
+    assert kinds == [("Job", "run-1-validate")]
     observed = Observed(
         now=NOW,
         validate_job=validated_job(),
-        report_config_map=first.create[0],
-        service_account=first.create[1],
     )
     status = derive(body, **{k: getattr(observed, k) for k in ("now", "validate_job")})
     second = plan(body, parse(body), status, observed, SETTINGS)
@@ -383,8 +376,6 @@ def test_plan_is_idempotent_once_everything_exists() -> None:
         now=NOW,
         validate_job=validated_job(),
         train_job=train,
-        report_config_map=builders.desired_report_config_map(body),
-        service_account={"metadata": {"name": "run-1-trainer"}},
     )
     status = derive(body, validate_job=validated_job(), train_job=train)
     assert plan(body, parse(body), status, observed, SETTINGS).empty()

@@ -8,7 +8,12 @@ import pytest
 from kubetune_trainer.main import main
 from kubetune_trainer.reporting import write_termination
 
-from kubetune.api.trainer import TERMINATION_MESSAGE_MAX_BYTES, ErrorReport, TrainerTermination
+from kubetune.api.trainer import (
+    TERMINATION_MESSAGE_MAX_BYTES,
+    ErrorReport,
+    ReportEndpoint,
+    TrainerTermination,
+)
 
 from .helpers import make_config, qa_rows, write_config, write_jsonl
 
@@ -173,8 +178,10 @@ def test_validate_mode_reports_without_training(tmp_path, tiny_model_dir):
 
 def test_report_failures_do_not_stop_training(tmp_path, tiny_model_dir):
     config = make_config(tmp_path, tiny_model_dir, hyperparameters={"maxSteps": 2})
-    # Outside a cluster the in-cluster configuration cannot load: reports fail, training goes on.
-    config.report.config_map = "test-job-report"
+    # Nobody listens at the endpoint: reports fail, training goes on.
+    token = tmp_path / "token"
+    token.write_text("a-token")
+    config.report.endpoint = ReportEndpoint(url="https://127.0.0.1:9", token_file=str(token))
     code, termination = run_main(tmp_path, config)
     assert code == 0
     assert termination["result"]["metrics"]["steps"] == 2
