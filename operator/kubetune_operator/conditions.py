@@ -39,6 +39,8 @@ NAME_FREE = "NameFree"  # the name taken before is free again
 NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
 CREATE_REFUSED = "CreateRefused"  # the API server refused a child (quota, admission policy)
 
+# True, but nothing happened: no event.
+QUIET_REASONS = {VALIDATION_SKIPPED}
 WARNING_REASONS = {
     IMAGE_PULL_BACKOFF,
     UNSCHEDULABLE,

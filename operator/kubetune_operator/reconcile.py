@@ -140,7 +140,9 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
 def _events(
     clients: Clients, body: Obj, before: FineTuningJobStatus, after: FineTuningJobStatus
 ) -> None:
-    """One event per condition transition (status or reason changed)."""
+    """An event when something happened: a condition became true (training started,
+    succeeded, registered, ...) or a warning appeared. Intermediate states (pending,
+    not suspended, validation skipped) are in the conditions, not worth a request."""
     old = {cond.type: (cond.status, cond.reason) for cond in before.conditions}
     for cond in after.conditions:
         if old.get(cond.type) == (cond.status, cond.reason):
@@ -148,6 +150,9 @@ def _events(
         warning = (
             cond.type == c.FAILED and cond.status == "True"
         ) or cond.reason in c.WARNING_REASONS
+        happened = cond.status == "True" and cond.reason not in c.QUIET_REASONS
+        if not (warning or happened):
+            continue
         post_event(
             clients,
             body,

@@ -282,8 +282,8 @@ def _training(
         if result is None:
             return Failure(
                 reason=FailureReason.REGISTRATION_FAILED,
-                message="the trainer exited successfully but reported no result (no 'result' in the "
-                "report ConfigMap nor in its termination message)",
+                message="the trainer exited successfully but reported no result (none reached the "
+                "operator's report endpoint nor its termination message)",
             )
         status.metrics = dict(result.metrics)
         status.dataset_digest = result.dataset_digest or status.dataset_digest
@@ -340,6 +340,10 @@ def _training(
             c.TRAINER_RUNNING,
             f"pod {obs.newest(running)['metadata']['name']} is training",
         )
+        return None
+    if any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods):
+        # The trainer is done and the Job controller has not marked the Job complete
+        # yet: the condition stays as it was (no flash of "pending" in between).
         return None
     waiting_reason = failures.unschedulable(pods)
     if waiting_reason:

@@ -89,7 +89,7 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]
-# One event per condition transition of a FineTuningJob.
+# Events: a FineTuningJob started, succeeded, failed, was registered; warnings.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
