@@ -102,6 +102,11 @@ class VolumeLocation(ApiModel):
     )
 
 
+# Conditions are a map keyed by type (server-side apply merges them by type, and
+# clients such as kubectl wait and Argo CD find them by type).
+CONDITIONS_LIST_MAP = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
 class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"

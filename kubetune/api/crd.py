@@ -147,6 +147,8 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         "minItems",
         "maxProperties",
         "x-kubernetes-validations",
+        "x-kubernetes-list-type",
+        "x-kubernetes-list-map-keys",
     ):
         if key in node and key not in out:
             out[key] = node[key]

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from kubetune.api.common import (
+    CONDITIONS_LIST_MAP,
     DNS_SUBDOMAIN,
     LIST_MAX,
     MAP_MAX,
@@ -865,7 +866,10 @@ class FineTuningJobStatus(ApiModel):
         default=None, description="The .metadata.generation this status reflects."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Detailed state.", max_length=16
+        default_factory=list,
+        description="Detailed state.",
+        max_length=16,
+        json_schema_extra=CONDITIONS_LIST_MAP,
     )
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     start_time: datetime | None = Field(default=None, description="When training started.")
@@ -884,6 +888,11 @@ class FineTuningJobStatus(ApiModel):
         default=0, description="Trainer failures so far (not counting preemptions)."
     )
     preemptions: int = Field(default=0, description="Times the trainer was preempted or evicted.")
+    counted_disruptions: list[str] = Field(
+        default_factory=list,
+        description="UIDs of the disrupted pods already counted in preemptions (of those that "
+        "still exist): the count is a running total, not the pods disrupted at one time.",
+    )
     restarts: int = Field(
         default=0,
         description="Times all pods of a multi-pod job were started again together after one "

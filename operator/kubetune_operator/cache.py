@@ -52,10 +52,43 @@ def _newer(candidate: Obj, current: Obj | None) -> bool:
     return True
 
 
+_JOB_SPEC_KEPT = (
+    "suspend",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "completionMode",
+    "completions",
+    "parallelism",
+)
+
+
+def _containers(pod_spec: Obj) -> Obj:
+    return {
+        "containers": [
+            {"name": c.get("name"), "image": c.get("image")}
+            for c in pod_spec.get("containers") or []
+        ]
+    }
+
+
 def slim(obj: Obj) -> Obj:
-    """What the operator keeps of an object: managedFields are most of a Pod's bytes and
-    none of its meaning."""
-    obj.get("metadata", {}).pop("managedFields", None)
+    """What the operator keeps of an object (in place): what status derivation and
+    planning read. A thousand jobs' pods as Python objects are hundreds of megabytes;
+    managedFields, the trainer's configuration (an annotation) and the pod spec are
+    most of them, and none of it is read back."""
+    meta = obj.get("metadata") or {}
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations:
+        annotations.pop(naming.ANNOTATION_TRAINER_CONFIG, None)
+    kind, spec = obj.get("kind"), obj.get("spec")
+    if kind == "Pod" and spec:
+        obj["spec"] = _containers(spec)
+    elif kind == "Job" and spec:
+        template = (spec.get("template") or {}).get("spec") or {}
+        obj["spec"] = {k: spec[k] for k in _JOB_SPEC_KEPT if k in spec} | {
+            "template": {"spec": _containers(template)}
+        }
     return obj
 
 

@@ -14,6 +14,9 @@ SUCCEEDED = "Succeeded"
 REGISTERED = "Registered"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
+# The summary, for generic tools (kubectl wait --for=condition=Ready, Argo CD, kstatus):
+# True once the job succeeded (and its model is registered), else False with the phase.
+READY = "Ready"
 
 # Reasons
 VALIDATING = "Validating"
@@ -92,3 +95,9 @@ class Conditions:
 
     def as_list(self) -> list[Condition]:
         return [self._by_type[t] for t in self._order]
+
+
+def set_ready(conds: Conditions, phase: str, message: str) -> None:
+    """Ready follows the phase: True only for a job that succeeded, the phase otherwise."""
+    done = phase == "Succeeded"
+    conds.set(READY, done, phase, message if not done else "trained and registered")

@@ -32,7 +32,7 @@ from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
 from kubetune_operator.reports import ReportEndpoint, ReportStore, TokenReviewer, server_tls
 from kubetune_operator.reports import serve as serve_reports
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.workqueue import Key, WorkQueue
+from kubetune_operator.workqueue import CHANGED, NEW, Key, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
 
@@ -169,10 +169,10 @@ def _brief(err: Exception) -> str:
     return type(err).__name__
 
 
-def _enqueue(memo: kopf.Memo, key: Key) -> None:
+def _enqueue(memo: kopf.Memo, key: Key, lane: int = CHANGED) -> None:
     queue: WorkQueue | None = getattr(memo, "queue", None)
     if queue is not None:
-        queue.add(key)
+        queue.add(key, lane)
 
 
 # The event handler is a coroutine on purpose: kopf runs plain functions in
@@ -198,7 +198,7 @@ async def finetuningjob_changed(
     seen = (body.get("status") or {}).get("observedGeneration")
     if event.get("type") == "MODIFIED" and generation == seen:
         return
-    _enqueue(memo, (namespace, name))
+    _enqueue(memo, (namespace, name), NEW)
 
 
 def _owner_of(kind: str, obj: dict) -> str | None:

@@ -52,6 +52,9 @@ def run(settings: OperatorSettings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # kopf logs every handler call at INFO: one line per watch event, most of them
+    # the echo of a status write. Its warnings and errors still show.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if settings.kubeconfig:
         # kopf's own login reads the same file.
         os.environ["KUBECONFIG"] = settings.kubeconfig

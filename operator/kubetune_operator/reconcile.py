@@ -145,8 +145,8 @@ def _events(
     not suspended, validation skipped) are in the conditions, not worth a request."""
     old = {cond.type: (cond.status, cond.reason) for cond in before.conditions}
     for cond in after.conditions:
-        if old.get(cond.type) == (cond.status, cond.reason):
-            continue
+        if old.get(cond.type) == (cond.status, cond.reason) or cond.type == c.READY:
+            continue  # (Ready repeats the others: no event of its own)
         warning = (
             cond.type == c.FAILED and cond.status == "True"
         ) or cond.reason in c.WARNING_REASONS
@@ -172,6 +172,7 @@ def _invalid_spec_status(
     conds = c.Conditions(previous.conditions, body["metadata"].get("generation", 1), utcnow())
     failure = Failure(reason=FailureReason.INVALID_SPEC, message=problems)
     conds.set(c.FAILED, True, failure.reason.value, failure.message)
+    c.set_ready(conds, Phase.FAILED.value, failure.message)
     status.failure = failure
     status.conditions = conds.as_list()
     status.phase = Phase.FAILED

@@ -33,10 +33,13 @@ class OperatorSettings(BaseModel):
     )
     resync_seconds: int = Field(default=60, description="Re-check every job at least this often.")
     workers: int = Field(default=8, description="Concurrent reconciles.")
+    # A cap against a runaway operator, not the server's protection (API priority and
+    # fairness answers 429, which is honoured): low enough for a shared API server,
+    # high enough that a thousand new jobs are not held up by it.
     api_qps: float = Field(
-        default=100.0, description="Requests per second to the API server (0: no limit)."
+        default=200.0, description="Requests per second to the API server (0: no limit)."
     )
-    api_burst: int = Field(default=200, description="Requests the operator may send at once.")
+    api_burst: int = Field(default=400, description="Requests the operator may send at once.")
     metrics_port: int = Field(default=8080, description="Port of /metrics (0 disables).")
     health_port: int = Field(default=8081, description="Port of /healthz (0 disables).")
     leader_election: bool = Field(

@@ -23,7 +23,7 @@ from kubetune.api.finetuningjob import (
 from kubetune_operator import builders, failures
 from kubetune_operator import conditions as c
 from kubetune_operator import observed as obs
-from kubetune_operator.observed import Observed
+from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.registration import registration_conditions
 from kubetune_operator.settings import OperatorSettings
 
@@ -156,9 +156,7 @@ def derive_status(
     if is_terminal(previous):
         # A finished record: what it trained with was written while it ran.
         registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
-        status.conditions = conds.as_list()
-        status.phase = _phase(conds, spec, observed)
-        return status
+        return _summarise(status, conds, _phase(conds, spec, observed))
 
     status.trainer_image = _trainer_image(observed, spec.image or settings.trainer_image)
     status.hyperparameters = _hyperparameters(spec, observed, previous.hyperparameters)
@@ -176,9 +174,7 @@ def derive_status(
         )
         conds.set(c.RUNNING, False, c.STOPPED, "cancelled")
         status.completion_time = status.completion_time or now
-        status.conditions = conds.as_list()
-        status.phase = Phase.CANCELLED
-        return status
+        return _summarise(status, conds, Phase.CANCELLED)
 
     failure = _validation(status, conds, spec, observed)
     if failure is None:
@@ -199,9 +195,33 @@ def derive_status(
     if observed.blocked is not None:
         reason, message = observed.blocked
         conds.set(c.RUNNING, False, reason, message)
+    return _summarise(status, conds, _phase(conds, spec, observed))
+
+
+def _summarise(
+    status: FineTuningJobStatus, conds: c.Conditions, phase: Phase
+) -> FineTuningJobStatus:
+    """The phase and the Ready condition, from the other conditions."""
+    status.phase = phase
+    c.set_ready(conds, phase.value, summary_message(conds, phase))
     status.conditions = conds.as_list()
-    status.phase = _phase(conds, spec, observed)
     return status
+
+
+def summary_message(conds: c.Conditions, phase: Phase) -> str:
+    """What the condition behind the phase says."""
+    behind = {
+        Phase.FAILED: c.FAILED,
+        Phase.CANCELLED: c.CANCELLED,
+        Phase.SUSPENDED: c.SUSPENDED,
+        Phase.QUEUED: c.SUSPENDED if conds.is_true(c.SUSPENDED) else c.RUNNING,
+        Phase.VALIDATING: c.DATASET_VALIDATED,
+        Phase.SUCCEEDED: c.SUCCEEDED,
+    }.get(phase, c.RUNNING)
+    if phase == Phase.RUNNING and conds.is_true(c.SUCCEEDED):
+        behind = c.REGISTERED  # trained; registering
+    condition = conds.get(behind)
+    return condition.message if condition is not None else ""
 
 
 def _validation(
@@ -256,7 +276,7 @@ def _training(
     if distributed and job is not None:
         pods = obs.attempt_pods(job, pods)
     else:
-        status.preemptions = max(status.preemptions, sum(1 for p in pods if obs.was_disrupted(p)))
+        _count_disruptions(status, pods)
         failed_pods = [
             p
             for p in pods
@@ -358,6 +378,21 @@ def _training(
     else:
         conds.set(c.RUNNING, False, c.POD_PENDING, "waiting for the trainer pod to start")
     return None
+
+
+def _count_disruptions(status: FineTuningJobStatus, pods: list[Obj]) -> None:
+    """Add each disrupted pod to the running total once. The pods counted are remembered
+    while they exist (a preempted pod is soon deleted, and its replacement may be
+    disrupted in turn), so the list stays as short as the pods in view."""
+
+    def uid(pod: Obj) -> str:
+        return pod["metadata"].get("uid") or pod["metadata"]["name"]
+
+    present = {uid(p) for p in pods}
+    counted = [u for u in status.counted_disruptions if u in present]
+    new = [uid(p) for p in pods if obs.was_disrupted(p) and uid(p) not in counted]
+    status.preemptions += len(new)
+    status.counted_disruptions = counted + new
 
 
 def _restart_all(

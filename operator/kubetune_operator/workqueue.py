@@ -2,9 +2,10 @@
 
 Watch events only say "look at this job again"; the key is queued once no
 matter how many events arrive, a key is never reconciled twice at the same
-time, and failures are retried with exponential back-off. Keys an event
-brought (a new job, a pod that changed) go ahead of those whose timer came due
-(resyncs, back-off): a thousand resyncs never hold up a new job.
+time, and failures are retried with exponential back-off. New and edited
+jobs go first, then changes to their children, then keys whose timer came due
+(resyncs, back-off): neither a thousand resyncs nor a thousand pods starting
+hold up a new job.
 """
 
 from __future__ import annotations
@@ -18,34 +19,37 @@ from collections.abc import Callable
 
 Key = tuple[str, str]  # (namespace, name)
 
+# Lanes, taken in this order: a job that is new or was edited, then a change to
+# a job's children, then a timer that came due (resync, back-off).
+NEW, CHANGED, DUE = 0, 1, 2
+
 
 class WorkQueue:
     def __init__(self, on_depth: Callable[[int], None] | None = None) -> None:
-        self._urgent: deque[Key] = deque()
-        self._later: deque[Key] = deque()
+        self._lanes: list[deque[Key]] = [deque(), deque(), deque()]
+        self._lane_of: dict[Key, int] = {}  # queued keys; a lane may hold stale entries
         self._has_ready = asyncio.Event()
-        self._queued: set[Key] = set()
         self._processing: set[Key] = set()
-        self._dirty: set[Key] = set()
+        self._dirty: dict[Key, int] = {}
         self._delayed: list[tuple[float, Key]] = []
         self._due: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
         self._wakeup = asyncio.Event()
         self._on_depth = on_depth or (lambda _: None)
 
-    def add(self, key: Key, *, urgent: bool = True) -> None:
+    def add(self, key: Key, lane: int = CHANGED) -> None:
         if key in self._processing:
-            self._dirty.add(key)  # run again after the current reconcile
+            # Run again after the current reconcile, in the most urgent lane asked for.
+            self._dirty[key] = min(lane, self._dirty.get(key, lane))
             return
-        if key in self._queued:
-            if urgent and key in self._later:  # an event about a key waiting as a resync
-                self._later.remove(key)
-                self._urgent.append(key)
+        current = self._lane_of.get(key)
+        if current is not None and current <= lane:
             return
-        self._queued.add(key)
-        (self._urgent if urgent else self._later).append(key)
+        # New, or moved ahead: the entry left in the slower lane is skipped when reached.
+        self._lane_of[key] = lane
+        self._lanes[lane].append(key)
         self._has_ready.set()
-        self._on_depth(len(self._queued))
+        self._on_depth(len(self._lane_of))
 
     def add_after(self, key: Key, seconds: float) -> None:
         """Look at `key` again in `seconds`, replacing any earlier such plan for it
@@ -67,23 +71,25 @@ class WorkQueue:
 
     def ready(self) -> int:
         """Keys waiting for a worker."""
-        return len(self._urgent) + len(self._later)
+        return len(self._lane_of)
 
     async def get(self) -> Key:
-        while not (self._urgent or self._later):
+        while True:
+            for index, lane in enumerate(self._lanes):
+                while lane:
+                    key = lane.popleft()
+                    if self._lane_of.get(key) == index:
+                        del self._lane_of[key]
+                        self._processing.add(key)
+                        self._on_depth(len(self._lane_of))
+                        return key
             self._has_ready.clear()
             await self._has_ready.wait()
-        key = self._urgent.popleft() if self._urgent else self._later.popleft()
-        self._queued.discard(key)
-        self._processing.add(key)
-        self._on_depth(len(self._queued))
-        return key
 
     def done(self, key: Key) -> None:
         self._processing.discard(key)
         if key in self._dirty:
-            self._dirty.discard(key)
-            self.add(key)
+            self.add(key, self._dirty.pop(key))
 
     async def run_timers(self) -> None:
         """Move delayed keys to the ready queue when their time comes."""
@@ -93,7 +99,7 @@ class WorkQueue:
                 when, key = heapq.heappop(self._delayed)
                 if self._due.get(key) == when:  # else superseded by a later plan
                     del self._due[key]
-                    self.add(key, urgent=False)
+                    self.add(key, DUE)
             timeout = self._delayed[0][0] - now if self._delayed else None
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

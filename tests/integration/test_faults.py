@@ -147,6 +147,15 @@ def test_a_refused_create_is_a_condition_and_an_event(kube: Kube, ns: str) -> No
             spec=client.V1ResourceQuotaSpec(hard={"count/jobs.batch": "0"}),
         ),
     )
+    # Admission enforces a quota once its controller has counted the usage.
+    wait_for(
+        kube.core.list_namespaced_resource_quota,
+        lambda q: bool(q.status and q.status.hard),
+        namespace=ns,
+        field_selector="metadata.name=no-jobs",
+        timeout=ft.TIMEOUT,
+        describe="the quota in force",
+    )
     ft.create(kube, ns, ft.manifest("over-quota"))
     status = ft.wait_status(
         kube, ns, "over-quota", reason_is("Running", "CreateRefused"), describe="refused"

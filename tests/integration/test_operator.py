@@ -18,6 +18,7 @@ from kubetune.dev.processes import OperatorProcess
 from kubetune.dev.tools import ensure_tools
 from tests.support import finetuning as ft
 from tests.support import reports
+from tests.support.argocd import health
 from tests.support.kube import Kube, wait_for, wait_gone
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -104,8 +105,20 @@ def test_success_path_validates_trains_reports_progress_and_registers(
         "Succeeded": "True",
         "Registered": "True",
         "Running": "False",
+        "Ready": "True",
     }.items()
     assert all(c["observedGeneration"] == 1 for c in done["conditions"])
+    # Generic tools read the summary: kubectl wait, and Argo CD's health check.
+    waited = subprocess.run(
+        [str(ensure_tools().kubectl), "--kubeconfig", str(kube.kubeconfig), "wait", "-n", ns,
+         "ftj/support-bot", "--for=condition=Ready", "--timeout=10s"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    assert health(ft.get(kube, ns, "support-bot")) == (
+        "Healthy",
+        "Succeeded: trained and registered",
+    )
 
     [model] = registered_models(kube, ns)
     spec = model["spec"]
@@ -125,7 +138,8 @@ def test_success_path_validates_trains_reports_progress_and_registers(
     assert spec["trainerImage"] == "registry.invalid/kubetune/trainer:test"
     assert "vllm serve" in spec["serving"]["vllm"]
 
-    # One event per transition, ending with the registration (posted right after the status).
+    # An event when something happened, ending with the registration (posted right after
+    # the status); none for the steps in between.
     selector = "involvedObject.name=support-bot,involvedObject.kind=FineTuningJob"
     wait_for(
         kube.core.list_namespaced_event,
@@ -136,13 +150,8 @@ def test_success_path_validates_trains_reports_progress_and_registers(
         describe="the ModelRegistered event",
     )
     reasons = [e.reason for e in kube.core.list_namespaced_event(ns, field_selector=selector).items]
-    assert {
-        "Validating",
-        "DatasetValid",
-        "TrainerRunning",
-        "TrainingComplete",
-        "ModelRegistered",
-    } <= set(reasons)
+    assert {"DatasetValid", "TrainerRunning", "TrainingComplete", "ModelRegistered"} <= set(reasons)
+    assert not {"Validating", "PodPending", "NotSuspended"} & set(reasons)
 
     # The printer columns.
     kubectl = ensure_tools().kubectl
@@ -220,6 +229,7 @@ def test_invalid_dataset_fails_fast_without_requesting_gpus(kube: Kube, ns: str)
         ns, field_selector="involvedObject.name=bad-data,type=Warning"
     ).items
     assert any(e.reason == "InvalidDataset" and message in e.message for e in events)
+    assert health(ft.get(kube, ns, "bad-data")) == ("Degraded", f"Failed: {message}")
 
 
 @pytest.mark.parametrize(

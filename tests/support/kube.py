@@ -19,8 +19,14 @@ class Kube:
     kubeconfig: Path
 
     @classmethod
-    def from_kubeconfig(cls, path: Path) -> Kube:
-        return cls(config.new_client_from_config(config_file=str(path)), path)
+    def from_kubeconfig(cls, path: Path, connections: int | None = None) -> Kube:
+        """A client of the cluster; `connections` sizes its pool (set before the client
+        exists: the pool is made with it)."""
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(path), client_configuration=configuration)
+        if connections:
+            configuration.connection_pool_maxsize = connections
+        return cls(client.ApiClient(configuration), path)
 
     @property
     def core(self) -> client.CoreV1Api:

@@ -84,3 +84,40 @@ def test_retry_after_is_bounded() -> None:
     assert retry_after_seconds(None) == 1.0
     assert retry_after_seconds("soon") == 1.0
     assert retry_after_seconds("3600") == 10.0
+
+
+def test_cached_pods_and_jobs_keep_only_what_is_read() -> None:
+    from kubetune_operator import builders
+    from kubetune_operator.settings import OperatorSettings
+
+    from kubetune.api.trainer import TrainerMode
+    from tests.unit.operator.conftest import make_body, parse
+
+    body = make_body()
+    job = builders.desired_job(
+        body, parse(body), OperatorSettings(), TrainerMode.TRAIN, suspend=True
+    )
+    kept = slim(job)
+    assert kept["spec"]["suspend"] is True
+    assert kept["spec"]["template"] == {
+        "spec": {"containers": [{"name": "trainer", "image": OperatorSettings().trainer_image}]}
+    }
+    assert naming.ANNOTATION_SPEC_HASH in kept["metadata"]["annotations"]  # spec_applied reads it
+    pod = {
+        "kind": "Pod",
+        "metadata": {
+            "name": "p",
+            "annotations": {
+                naming.ANNOTATION_TRAINER_CONFIG: "{...}",
+                naming.ANNOTATION_OWNER: "o",
+            },
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "i", "env": [{"name": "X"}]}]},
+        "status": {"phase": "Running"},
+    }
+    assert slim(pod) == {
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {naming.ANNOTATION_OWNER: "o"}},
+        "spec": {"containers": [{"name": "trainer", "image": "i"}]},
+        "status": {"phase": "Running"},
+    }

@@ -296,6 +296,45 @@ def test_preemption_is_counted_not_failed() -> None:
     assert status.retries == 0
 
 
+def test_preemptions_are_a_running_total_not_the_pods_disrupted_at_once() -> None:
+    def disrupted(name: str, uid: str) -> dict:
+        found = pod(
+            name,
+            "Failed",
+            terminated={"exitCode": 143},
+            conditions=[
+                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+            ],
+        )
+        found["metadata"]["uid"] = uid
+        return found
+
+    body, train = make_body(), job("run-1-train", start=True)
+    first = derive(
+        body, validate_job=validated_job(), train_job=train, train_pods=[disrupted("a", "u-a")]
+    )
+    assert first.preemptions == 1
+    # Seen again: not counted twice.
+    again = derive(
+        body,
+        first,
+        validate_job=validated_job(),
+        train_job=train,
+        train_pods=[disrupted("a", "u-a")],
+    )
+    assert again.preemptions == 1
+    # The first pod is gone (preempted pods are deleted) and its replacement is preempted too.
+    second = derive(
+        body,
+        again,
+        validate_job=validated_job(),
+        train_job=train,
+        train_pods=[disrupted("b", "u-b")],
+    )
+    assert second.preemptions == 2
+    assert second.counted_disruptions == ["u-b"]  # only what is still in view
+
+
 def test_unschedulable_pod_is_queued_with_the_scheduler_message() -> None:
     pending = pod("t", "Pending")
     pending["status"]["conditions"] = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from kubetune_operator.workqueue import WorkQueue
+from kubetune_operator.workqueue import CHANGED, DUE, NEW, WorkQueue
 
 
 def run(coro):
@@ -64,14 +64,24 @@ def test_retries_back_off_exponentially() -> None:
     run(scenario())
 
 
-def test_events_go_ahead_of_resyncs() -> None:
+def test_new_jobs_go_first_then_changes_then_timers() -> None:
     async def scenario():
         queue = WorkQueue()
         for i in range(3):
-            queue.add(("ns", f"resync-{i}"), urgent=False)
-        queue.add(("ns", "new"))
-        queue.add(("ns", "resync-2"))  # an event about a key already waiting as a resync
-        order = [await queue.get() for _ in range(4)]
-        assert order == [("ns", "new"), ("ns", "resync-2"), ("ns", "resync-0"), ("ns", "resync-1")]
+            queue.add(("ns", f"resync-{i}"), DUE)
+        queue.add(("ns", "pod-changed"), CHANGED)
+        queue.add(("ns", "new"), NEW)
+        queue.add(("ns", "resync-2"), CHANGED)  # a change to a key waiting as a resync
+        queue.add(("ns", "new"), DUE)  # a later, slower ask does not demote it
+        assert queue.ready() == 5
+        order = [await queue.get() for _ in range(5)]
+        assert order == [
+            ("ns", "new"),
+            ("ns", "pod-changed"),
+            ("ns", "resync-2"),
+            ("ns", "resync-0"),
+            ("ns", "resync-1"),
+        ]
+        assert queue.ready() == 0
 
     run(scenario())
