@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -180,28 +181,33 @@ class VolumeResolver:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def _config_map(self, name: str, namespace: str, optional: bool | None) -> dict[str, bytes]:
+    @staticmethod
+    def _read(read: Any, kind: str, name: str, namespace: str, optional: bool | None) -> Any:
+        """The object, None when it is missing and optional; a missing required one is a
+        start error, as a kubelet reports it."""
         try:
-            config_map = self.core.read_namespaced_config_map(name, namespace)
+            return read(name, namespace)
         except ApiException as err:
             if err.status == 404 and optional:
-                return {}
+                return None
             if err.status == 404:
-                raise RuntimeError(f'configmap "{name}" not found') from err
+                raise RuntimeError(f'{kind} "{name}" not found') from err
             raise
+
+    def _config_map(self, name: str, namespace: str, optional: bool | None) -> dict[str, bytes]:
+        config_map = self._read(
+            self.core.read_namespaced_config_map, "configmap", name, namespace, optional
+        )
+        if config_map is None:
+            return {}
         data = {key: value.encode() for key, value in (config_map.data or {}).items()}
         binary = config_map.binary_data or {}
         return data | {key: base64.b64decode(value) for key, value in binary.items()}
 
     def _secret(self, name: str, namespace: str, optional: bool | None) -> dict[str, bytes]:
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as err:
-            if err.status == 404 and optional:
-                return {}
-            if err.status == 404:
-                raise RuntimeError(f'secret "{name}" not found') from err
-            raise
+        secret = self._read(self.core.read_namespaced_secret, "secret", name, namespace, optional)
+        if secret is None:
+            return {}
         return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
 
     @staticmethod

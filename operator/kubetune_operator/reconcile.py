@@ -43,7 +43,7 @@ from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.plan import Plan, plan
 from kubetune_operator.registration import registered_model_name
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import derive_status, is_terminal, next_check_in
+from kubetune_operator.status import derive_status, is_terminal, next_check_in, summarise
 
 log = logging.getLogger("kubetune.operator")
 
@@ -172,12 +172,9 @@ def _invalid_spec_status(
     conds = c.Conditions(previous.conditions, body["metadata"].get("generation", 1), utcnow())
     failure = Failure(reason=FailureReason.INVALID_SPEC, message=problems)
     conds.set(c.FAILED, True, failure.reason.value, failure.message)
-    c.set_ready(conds, Phase.FAILED.value, failure.message)
     status.failure = failure
-    status.conditions = conds.as_list()
-    status.phase = Phase.FAILED
     status.observed_generation = body["metadata"].get("generation")
-    return status
+    return summarise(status, conds, Phase.FAILED)
 
 
 def reconcile(

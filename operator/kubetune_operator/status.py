@@ -156,7 +156,7 @@ def derive_status(
     if is_terminal(previous):
         # A finished record: what it trained with was written while it ran.
         registration_conditions(status, conds, spec, observed.registered_model, meta["uid"])
-        return _summarise(status, conds, _phase(conds, spec, observed))
+        return summarise(status, conds, _phase(conds, spec, observed))
 
     status.trainer_image = _trainer_image(observed, spec.image or settings.trainer_image)
     status.hyperparameters = _hyperparameters(spec, observed, previous.hyperparameters)
@@ -174,7 +174,7 @@ def derive_status(
         )
         conds.set(c.RUNNING, False, c.STOPPED, "cancelled")
         status.completion_time = status.completion_time or now
-        return _summarise(status, conds, Phase.CANCELLED)
+        return summarise(status, conds, Phase.CANCELLED)
 
     failure = _validation(status, conds, spec, observed)
     if failure is None:
@@ -195,10 +195,10 @@ def derive_status(
     if observed.blocked is not None:
         reason, message = observed.blocked
         conds.set(c.RUNNING, False, reason, message)
-    return _summarise(status, conds, _phase(conds, spec, observed))
+    return summarise(status, conds, _phase(conds, spec, observed))
 
 
-def _summarise(
+def summarise(
     status: FineTuningJobStatus, conds: c.Conditions, phase: Phase
 ) -> FineTuningJobStatus:
     """The phase and the Ready condition, from the other conditions."""

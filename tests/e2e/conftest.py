@@ -15,7 +15,7 @@ import pytest
 
 from kubetune.dev.cluster import LocalCluster
 from kubetune.dev.processes import OperatorProcess, start_node_agent
-from tests.support.kube import Kube, wait_for
+from tests.support.kube import Kube, wait_node_ready
 from tests.unit.trainer.conftest import _cached_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,15 +48,7 @@ def e2e_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
     operator = OperatorProcess(cluster.kubeconfig, logs / "operator.log", workers="2")
     try:
         kube = Kube.from_kubeconfig(cluster.kubeconfig)
-        wait_for(
-            kube.core.list_node,
-            lambda n: any(
-                c.type == "Ready" and c.status == "True" for c in n.status.conditions or []
-            ),
-            field_selector=f"metadata.name={NODE}",
-            timeout=60,
-            describe="the local node Ready",
-        )
+        wait_node_ready(kube, NODE)
         operator.start()
         yield cluster
     finally:

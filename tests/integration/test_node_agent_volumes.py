@@ -15,7 +15,7 @@ from kubetune.dev.node_agent import node_manifest
 from kubetune.dev.pod_volumes import mount_namespace
 from kubetune.dev.processes import start_node_agent
 from kubetune.dev.volumes import bound_claim
-from tests.support.kube import Kube, wait_for
+from tests.support.kube import Kube, wait_for, wait_node_ready
 
 NODE = "volumes-0"
 CONFIG_ANNOTATION = "kubetune.dev/trainer-config"
@@ -33,15 +33,7 @@ def agent_root(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     log = root.parent / "volumes-node-agent.log"
     agent = start_node_agent(kube.kubeconfig, log, name=NODE, root=root, gpus=0)
     try:
-        wait_for(
-            kube.core.list_node,
-            lambda n: any(
-                c.type == "Ready" and c.status == "True" for c in n.status.conditions or []
-            ),
-            field_selector=f"metadata.name={NODE}",
-            timeout=60,
-            describe=f"node {NODE} Ready",
-        )
+        wait_node_ready(kube, NODE)
         yield root
     finally:
         agent.terminate()

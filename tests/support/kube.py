@@ -188,3 +188,13 @@ def observe_unchanged(
         assert not changed(event["object"]), f"unexpected state: {event['object']}"
         if time.monotonic() > deadline:
             break
+
+
+def wait_node_ready(kube: Kube, name: str, timeout: float = 60) -> None:
+    wait_for(
+        kube.core.list_node,
+        lambda n: any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or []),
+        field_selector=f"metadata.name={name}",
+        timeout=timeout,
+        describe=f"node {name} Ready",
+    )

@@ -310,27 +310,19 @@ def test_preemptions_are_a_running_total_not_the_pods_disrupted_at_once() -> Non
         return found
 
     body, train = make_body(), job("run-1-train", start=True)
-    first = derive(
-        body, validate_job=validated_job(), train_job=train, train_pods=[disrupted("a", "u-a")]
-    )
+
+    def look(previous, *pods):
+        return derive(
+            body, previous, validate_job=validated_job(), train_job=train, train_pods=list(pods)
+        )
+
+    first = look(None, disrupted("a", "u-a"))
     assert first.preemptions == 1
     # Seen again: not counted twice.
-    again = derive(
-        body,
-        first,
-        validate_job=validated_job(),
-        train_job=train,
-        train_pods=[disrupted("a", "u-a")],
-    )
+    again = look(first, disrupted("a", "u-a"))
     assert again.preemptions == 1
     # The first pod is gone (preempted pods are deleted) and its replacement is preempted too.
-    second = derive(
-        body,
-        again,
-        validate_job=validated_job(),
-        train_job=train,
-        train_pods=[disrupted("b", "u-b")],
-    )
+    second = look(again, disrupted("b", "u-b"))
     assert second.preemptions == 2
     assert second.counted_disruptions == ["u-b"]  # only what is still in view
 
