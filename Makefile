@@ -40,7 +40,7 @@ cluster-down: env ## Stop the local cluster and delete its state
 
 .PHONY: crds
 crds: env ## Regenerate crds/ and the Helm chart's copy from the API models
-	@$(PY) -m kubetune.api.crd crds charts/kubetune/files/crds
+	@$(PY) -m kubetune.api.crd
 
 .PHONY: operator
 operator: env ## Run the operator against the local cluster
@@ -51,6 +51,10 @@ bench: tools env ## Run the benchmarks (operator scale, trainer throughput, dist
 	@$(PY) bench/operator_scale.py
 	@$(PY) bench/trainer_throughput.py
 	@$(PY) bench/distributed.py
+
+.PHONY: bench-chaos
+bench-chaos: tools env ## The operator under faults: SIGKILLs, API server and etcd restarts, takeovers
+	@$(PY) bench/chaos.py
 
 .PHONY: lint
 lint: env ## Check formatting and lint with ruff

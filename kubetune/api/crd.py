@@ -7,8 +7,8 @@ unknown fields, CEL rules carried over, and every object given a description
 so that `kubectl explain` reads like documentation.
 
 `python -m kubetune.api.crd` rewrites crds/ and the Helm chart's copy in
-charts/kubetune/files/crds/ (run by `make crds`); a test fails when either
-differs from what this module generates.
+charts/kubetune/files/crds/, and the admission policies beside them (run by
+`make crds`); a test fails when any differs from what this module generates.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from kubetune.api import admission
 from kubetune.api import finetuningjob as ftj
 from kubetune.api import registeredmodel as rm
 from kubetune.api.common import GROUP, LIST_MAX, TEXT_MAX, VERSION
@@ -324,23 +325,33 @@ def registeredmodel_crd() -> Schema:
 # Where `python -m kubetune.api.crd` writes, relative to the repository root:
 # the plain manifests, and the Helm chart's copy (rendered by its templates).
 TARGETS = ("crds", "charts/kubetune/files/crds")
+# The admission policies of kubetune.api.admission, beside each.
+POLICY_TARGETS = ("crds/policies", "charts/kubetune/files/policies")
 
 HEADER = "# Generated from the kubetune.api models by `make crds`. Do not edit.\n"
 
 
+def _dump(document: Schema) -> str:
+    return HEADER + yaml.safe_dump(document, sort_keys=False, width=100, allow_unicode=True)
+
+
 def rendered() -> dict[str, str]:
     """File name to YAML text for every CRD."""
-    files = {}
-    for crd in (finetuningjob_crd(), registeredmodel_crd()):
-        text = yaml.safe_dump(crd, sort_keys=False, width=100, allow_unicode=True)
-        files[f"{crd['metadata']['name']}.yaml"] = HEADER + text
-    return files
+    return {
+        f"{c['metadata']['name']}.yaml": _dump(c)
+        for c in (finetuningjob_crd(), registeredmodel_crd())
+    }
 
 
-def write(directory: Path) -> list[Path]:
+def rendered_policies() -> dict[str, str]:
+    """File name to YAML text for every ValidatingAdmissionPolicy."""
+    return {f"{p['metadata']['name']}.yaml": _dump(p) for p in admission.policies()}
+
+
+def write(directory: Path, files: dict[str, str]) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in rendered().items():
+    for name, text in files.items():
         path = directory / name
         path.write_text(text)
         written.append(path)
@@ -348,6 +359,8 @@ def write(directory: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for target in sys.argv[1:] or TARGETS:
-        for path in write(Path(target)):
-            print(path)
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()
+    for targets, files in ((TARGETS, rendered()), (POLICY_TARGETS, rendered_policies())):
+        for target in targets:
+            for path in write(root / target, files):
+                print(path)

@@ -9,7 +9,9 @@ name, and so its own ClusterRole names: these tests can run beside others.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import crd
 from kubetune.dev.tools import ensure_tools
+from tests.support import finetuning as ft
 from tests.support.kube import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,8 +154,14 @@ def test_install_upgrade_uninstall(
     common = ["--namespace", namespace, "--wait", "--timeout", "90s"]
     # The pod passes the namespace's restricted Pod Security admission and is
     # "run" by a simulated node; the image is never pulled.
-    cli.helm("install", release, str(CHART), *common, "--set", "crds.enabled=false")
+    # The admission policies are cluster-wide: bound to this namespace only here.
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    cli.helm(
+        "install", release, str(CHART), *common, "--set", "crds.enabled=false",
+        "--set-json", f"admission.namespaceSelector={json.dumps(selector)}",
+    )  # fmt: skip
     try:
+        _check_admission(kube, namespace)
         env = _env(kube, namespace, fullname)
         assert env["KUBETUNE_WORKERS"] == "8"
         assert "KUBETUNE_NAMESPACES" not in env  # all namespaces
@@ -199,8 +208,35 @@ def test_install_upgrade_uninstall(
     assert not _exists(kube.rbac.read_cluster_role, f"{fullname}-kopf")
     assert not _exists(kube.rbac.read_cluster_role_binding, f"{fullname}-kopf")
     assert not _exists(kube.core.read_namespaced_service_account, fullname, namespace)
+    assert not _exists(
+        kube.admissionregistration.read_validating_admission_policy_binding,
+        f"{fullname}-trainer-images",
+    )
     # The CRDs were not the release's: still there.
     assert cli.kubectl("get", "crd", "finetuningjobs.kubetune.dev").returncode == 0
+
+
+def _check_admission(kube: Kube, namespace: str) -> None:
+    """The installed policies refuse an image off the allow-list and let the default
+    trainer image's repository through."""
+
+    def dry_run(image: str) -> None:
+        body = ft.manifest("admission-check", image=image)
+        kube.custom.create_namespaced_custom_object(
+            ft.GROUP, ft.VERSION, namespace, ft.PLURAL, body, dry_run="All"
+        )
+
+    deadline = time.monotonic() + 30
+    while True:  # policies reach admission through the API server's informers
+        try:
+            dry_run("docker.io/someone/miner:latest")
+        except ApiException as err:
+            assert err.status == 403, err.body
+            assert "spec.image: docker.io/someone/miner:latest" in err.body
+            break
+        assert time.monotonic() < deadline, "the chart's image policy was never enforced"
+        time.sleep(0.2)
+    dry_run("ghcr.io/kubetune/trainer:0.1.0")
 
 
 def test_chart_crds_apply_over_the_installed_ones(cli: Cli, crds: None) -> None:

@@ -28,6 +28,21 @@ class Kube:
             configuration.connection_pool_maxsize = connections
         return cls(client.ApiClient(configuration), path)
 
+    def impersonating(self, user: str) -> Kube:
+        """The same cluster, acting as `user` (RBAC decides as for that user; the API
+        server adds the group system:authenticated)."""
+        configuration = client.Configuration()
+        config.load_kube_config(
+            config_file=str(self.kubeconfig), client_configuration=configuration
+        )
+        api = client.ApiClient(configuration)
+        api.set_default_header("Impersonate-User", user)
+        return Kube(api, self.kubeconfig)
+
+    @property
+    def admissionregistration(self) -> client.AdmissionregistrationV1Api:
+        return client.AdmissionregistrationV1Api(self.api)
+
     @property
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api)

@@ -16,7 +16,7 @@ import yaml
 from kubetune_operator.main import settings_from_env
 from kubetune_operator.settings import OperatorSettings
 
-from kubetune.api import crd
+from kubetune.api import admission, crd
 from kubetune.api.finetuningjob import FineTuningJobSpec
 from kubetune.dev.tools import ensure_tools
 
@@ -228,6 +228,11 @@ def test_default_objects(render) -> None:
             ("Service", f"{FULLNAME}-reports"),
             ("Secret", f"{FULLNAME}-reports-tls"),
             ("ServiceAccount", FULLNAME),
+            ("ValidatingAdmissionPolicy", admission.SECRET_POLICY),
+            ("ValidatingAdmissionPolicy", admission.IMAGE_POLICY),
+            ("ValidatingAdmissionPolicyBinding", f"{FULLNAME}-secret-references"),
+            ("ValidatingAdmissionPolicyBinding", f"{FULLNAME}-trainer-images"),
+            ("ConfigMap", f"{FULLNAME}-allowed-images"),
         ]
     )
 
@@ -522,6 +527,52 @@ def test_crds_can_be_left_out_or_not_kept(render) -> None:
     assert not _of_kind(render(VALUE_SETS["no-crds"]), "CustomResourceDefinition")
     for obj in _of_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition"):
         assert "annotations" not in obj["metadata"]
+
+
+def test_admission_policies_are_the_generated_ones(render) -> None:
+    objects = render()
+    rendered = {o["metadata"]["name"]: o for o in _of_kind(objects, "ValidatingAdmissionPolicy")}
+    for expected in admission.policies():
+        got = rendered[expected["metadata"]["name"]]
+        assert expected["metadata"]["labels"].items() <= got["metadata"]["labels"].items()
+        assert got["spec"] == expected["spec"]
+    params = f"{FULLNAME}-allowed-images"
+    bindings = _of_kind(objects, "ValidatingAdmissionPolicyBinding")
+    expected = admission.bindings(NAMESPACE, params, prefix=FULLNAME)
+    assert [(b["metadata"]["name"], b["spec"]) for b in bindings] == [
+        (b["metadata"]["name"], b["spec"]) for b in expected
+    ]
+    allowed = _one(objects, "ConfigMap", params)
+    assert allowed["metadata"]["namespace"] == NAMESPACE
+    # The default prefix, and the operator's own trainer image always.
+    assert allowed["data"][admission.IMAGE_PREFIXES_KEY].split("\n") == [
+        "ghcr.io/kubetune/",
+        "ghcr.io/kubetune/trainer:0.1.0",
+    ]
+
+
+def test_admission_values(render) -> None:
+    objects = render(
+        {
+            "admission": {
+                "allowedImagePrefixes": ["registry.example.com/ml/"],
+                "namespaceSelector": {"matchLabels": {"team": "ml"}},
+            },
+            "operator": {"trainerImage": "registry.example.com/ml/trainer:2"},
+        }
+    )
+    allowed = _one(objects, "ConfigMap", f"{FULLNAME}-allowed-images")
+    assert allowed["data"][admission.IMAGE_PREFIXES_KEY].split("\n") == [
+        "registry.example.com/ml/",
+        "registry.example.com/ml/trainer:2",
+    ]
+    for binding in _of_kind(objects, "ValidatingAdmissionPolicyBinding"):
+        assert binding["spec"]["matchResources"] == {
+            "namespaceSelector": {"matchLabels": {"team": "ml"}}
+        }
+    off = render({"admission": {"enabled": False, "allowedImagePrefixes": []}})
+    assert not [o for o in off if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert not _of_kind(off, "ConfigMap")
 
 
 # -- leader election -------------------------------------------------------------------------

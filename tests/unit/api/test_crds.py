@@ -12,10 +12,15 @@ from kubetune.api import crd
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("directory", crd.TARGETS)
-def test_checked_in_crds_match_the_models(directory: str) -> None:
-    """crds/ and the Helm chart's copy are both exactly what the models generate."""
-    generated = crd.rendered()
+@pytest.mark.parametrize(
+    ("directory", "render"),
+    [(d, crd.rendered) for d in crd.TARGETS]
+    + [(d, crd.rendered_policies) for d in crd.POLICY_TARGETS],
+)
+def test_checked_in_manifests_match_the_models(directory: str, render) -> None:
+    """crds/, the admission policies and the Helm chart's copies are all exactly what
+    the models generate."""
+    generated = render()
     on_disk = {p.name: p.read_text() for p in (ROOT / directory).glob("*.yaml")}
     assert set(on_disk) == set(generated), (
         f"{directory}/ has other files than the models generate: run `make crds`"
