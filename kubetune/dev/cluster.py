@@ -11,6 +11,7 @@ user's ~/.kube/config is never read or written.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ from kubetune.dev import nodes, simulation
 from kubetune.dev.tools import Tools, ensure_tools, pinned_versions
 
 DEFAULT_NAME = "kubetune"
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs (an exited child that nobody reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
 
 
 def cache_dir() -> Path:
@@ -227,6 +237,46 @@ class LocalCluster:
         if self.exists():
             self._kwokctl("delete", "cluster", *self._contexts_flag)
         self.config_file.unlink(missing_ok=True)
+
+    def restart_component(self, component: str, grace: float = 5, timeout: float = 120) -> None:
+        """Stop one control-plane process as a kubelet would (SIGTERM, SIGKILL after
+        `grace` seconds: the API server otherwise drains its watches for a minute) and
+        start it again with the same command line, then wait until the API server is
+        ready.
+
+        kwokctl starts and stops whole clusters only; its binary runtime keeps each
+        component's pid in pids/<component>.pid, which is updated here so that
+        `kwokctl delete cluster` still stops the new process.
+        """
+        pid_file = self.cluster_dir / "pids" / f"{component}.pid"
+        pid = int(pid_file.read_text().strip())
+        proc = Path(f"/proc/{pid}")
+        argv = [a.decode() for a in (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")]
+        cwd = os.readlink(proc / "cwd")
+        env = dict(
+            entry.decode().split("=", 1)
+            for entry in (proc / "environ").read_bytes().split(b"\0")
+            if b"=" in entry
+        )
+        os.kill(pid, signal.SIGTERM)
+        killed_at, deadline = time.monotonic() + grace, time.monotonic() + timeout
+        while _running(pid):
+            if time.monotonic() > killed_at:
+                os.kill(pid, signal.SIGKILL)
+                killed_at = deadline
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{component} (pid {pid}) did not stop")
+            time.sleep(0.1)  # a process exiting: nothing to watch
+        log = self.cluster_dir / "logs" / f"{component}.log"
+        with log.open("ab") as out:
+            started = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        pid_file.write_text(str(started.pid))
+        while not self.healthy():
+            if started.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"{component} did not come back; see {log}")
+            time.sleep(0.2)
 
     def logs(self, component: str) -> str:
         """A control-plane component's log (kube-apiserver, kwok-controller, ...)."""

@@ -97,6 +97,11 @@ def run(settings: OperatorSettings) -> None:
 )
 @click.option("--leader-election-id", help="Name of the leader-election Lease.")
 @click.option("--leader-election-namespace", help="Namespace of the leader-election Lease.")
+@click.option(
+    "--leader-election-lease-seconds",
+    type=int,
+    help="Seconds without renewal after which a standby takes over.",
+)
 @click.option("--workers", type=int, help="Concurrent reconciles.")
 @click.option("--report-port", type=int, help="Port of the report endpoint (0 disables).")
 @click.option("--report-url", help="URL trainer pods reach the report endpoint at.")

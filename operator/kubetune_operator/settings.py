@@ -52,6 +52,12 @@ class OperatorSettings(BaseModel):
     leader_election_namespace: str = Field(
         default="default", description="Namespace of the leader-election Lease."
     )
+    leader_election_lease_seconds: int = Field(
+        default=15,
+        ge=3,
+        description="A standby takes over when the leader has not renewed for this long "
+        "(the leader renews every third of it).",
+    )
     report_port: int = Field(
         default=8443, description="Port of the endpoint trainers report to (0 disables)."
     )

@@ -40,7 +40,7 @@ def _remove_orphaned_test_clusters() -> None:
     if not clusters.is_dir():
         return
     for path in clusters.iterdir():
-        match = re.fullmatch(rf"{TEST_CLUSTER_PREFIX}(\d+)", path.name)
+        match = re.fullmatch(rf"{TEST_CLUSTER_PREFIX}(\d+)(-[a-z]+)?", path.name)
         if match and not _pid_alive(int(match.group(1))):
             LocalCluster(path.name).down()
 
