@@ -14,7 +14,6 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -71,34 +70,40 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
     memo.report_server = None
+    memo.report_pacer = ReportPacer(memo.queue, config.report_status_interval_seconds)
     if config.report_port:
         endpoint = ReportEndpoint(
             memo.cache,
             memo.reports,
             TokenReviewer(memo.api, config.report_audience),
             memo.executor,
-            _report_arrived(memo.queue, config.report_status_interval_seconds),
+            memo.report_pacer,
             lambda: memo.elector is None or memo.elector.is_leader,
         )
         tls = server_tls(config.report_tls_cert, config.report_tls_key)
         memo.report_server = await serve_reports(endpoint, config.report_port, tls)
 
 
-def _report_arrived(queue: WorkQueue, interval: float) -> Callable[[Key, str], None]:
+class ReportPacer:
     """Progress reaches the status at most once per `interval` per job; a validation
-    or a result at once."""
-    last: dict[Key, float] = {}
+    or a result at once. Called by the report endpoint for every report."""
 
-    def arrived(key: Key, kind: str) -> None:
+    def __init__(self, queue: WorkQueue, interval: float) -> None:
+        self.queue, self.interval = queue, interval
+        self.last: dict[Key, float] = {}
+
+    def __call__(self, key: Key, kind: str) -> None:
         now = time.monotonic()
-        wait = last.get(key, -interval) + interval - now
+        wait = self.last.get(key, -self.interval) + self.interval - now
         if kind == REPORT_PROGRESS_KEY and wait > 0:
-            queue.add_after(key, wait)
+            self.queue.add_after(key, wait)
             return
-        last[key] = now
-        queue.add(key)
+        self.last[key] = now
+        self.queue.add(key)
 
-    return arrived
+    def forget(self, key: Key) -> None:
+        """The job is gone: so is its pace."""
+        self.last.pop(key, None)
 
 
 @kopf.on.login()
@@ -190,6 +195,7 @@ async def finetuningjob_changed(
     if event.get("type") == "DELETED":
         cache.forget(ftj.KIND, namespace, name)
         memo.reports.forget(namespace, name)
+        memo.report_pacer.forget((namespace, name))
         metrics.forget(namespace, name)
         return
     body = slim(copy.deepcopy(dict(event["object"])))
