@@ -18,15 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kubernetes import client
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
-from kubetune.dev.cluster import LocalCluster  # noqa: E402
-from tests.support import finetuning as ft  # noqa: E402
-from tests.support.chaos import ChaosPlan, fleet, run_chaos  # noqa: E402
-from tests.support.kube import Kube  # noqa: E402
+from tests.support.chaos import ChaosPlan, run_chaos, start_cluster  # noqa: E402
 
 NAMESPACE = "chaos"
 
@@ -42,19 +37,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
-    cluster = LocalCluster("bench-chaos")
-    cluster.down()
-    cluster.up(fleet=fleet(args.jobs))
+    cluster = start_cluster("bench-chaos", NAMESPACE, args.jobs, REPO / "crds")
     logs = Path(tempfile.mkdtemp(prefix="kubetune-chaos-"))
     try:
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev",
-            "crd/registeredmodels.kubetune.dev", "--timeout=60s",
-        )  # fmt: skip
-        kube = Kube.from_kubeconfig(cluster.kubeconfig)
-        kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
-        ft.create_volumes(kube, NAMESPACE)
         plan = ChaosPlan(
             jobs=args.jobs,
             kills=args.kills,

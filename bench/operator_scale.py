@@ -131,10 +131,7 @@ def run(
     cluster.down()
     cluster.up()
     cluster.ensure_nodes(fleet(nodes))
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s"
-    )
+    cluster.apply_crds(REPO / "crds")
     kube = Kube.from_kubeconfig(cluster.kubeconfig, connections=CREATE_THREADS * 2)
     for namespace in ("ceiling", "bench"):
         kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))

@@ -238,6 +238,21 @@ class LocalCluster:
             self._kwokctl("delete", "cluster", *self._contexts_flag)
         self.config_file.unlink(missing_ok=True)
 
+    def apply_crds(self, directory: Path, timeout: int = 60) -> None:
+        """Apply the CRDs in `directory` (server-side: they are too large for the
+        last-applied annotation) and wait until the API server serves each of them."""
+        self.kubectl("apply", "--server-side", "-f", str(directory))
+        names = [
+            yaml.safe_load(p.read_text())["metadata"]["name"]
+            for p in sorted(directory.glob("*.yaml"))
+        ]
+        self.kubectl(
+            "wait",
+            "--for=condition=Established",
+            *[f"crd/{n}" for n in names],
+            f"--timeout={timeout}s",
+        )
+
     def restart_component(self, component: str, grace: float = 5, timeout: float = 120) -> None:
         """Stop one control-plane process as a kubelet would (SIGTERM, SIGKILL after
         `grace` seconds: the API server otherwise drains its watches for a minute) and

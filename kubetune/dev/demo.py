@@ -94,10 +94,7 @@ def main() -> None:
     )
     # Simulated GPU nodes are tainted: the CPU-only dataset check runs on the real local node.
     cluster.up(fleet=[spec for spec in default_fleet() if spec.gpus])
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev", "--timeout=60s"
-    )
+    cluster.apply_crds(REPO / "crds")
     kubectl = [str(cluster.tools.kubectl), "--kubeconfig", str(cluster.kubeconfig)]
     env = python_env()
     say(f"Starting the node agent ({NODE}: runs its pods as local processes) and the operator")

@@ -64,8 +64,6 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
             config.leader_election_id,
             default_identity(),
             lease_seconds=config.leader_election_lease_seconds,
-            renew_seconds=config.leader_election_lease_seconds / 3,
-            retry_seconds=min(2, config.leader_election_lease_seconds / 5),
         )
         memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]

@@ -47,17 +47,15 @@ class LeaderElector:
         identity: str,
         *,
         lease_seconds: int = 15,
-        renew_seconds: float = 5,
-        retry_seconds: float = 2,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.coordination = client.CoordinationV1Api(api)
         self.namespace, self.name, self.identity = namespace, name, identity
-        self.lease_seconds, self.renew_seconds, self.retry_seconds = (
-            lease_seconds,
-            renew_seconds,
-            retry_seconds,
-        )
+        self.lease_seconds = lease_seconds
+        # client-go's proportions: renew every third of the lease (5 s of 15); a standby
+        # asks again every fifth of it, at most every 2 s.
+        self.renew_seconds = lease_seconds / 3
+        self.retry_seconds = min(2, lease_seconds / 5)
         self._now = now
         self._renewed: datetime | None = None  # when this replica last held the lease
         self.leading = asyncio.Event()

@@ -101,14 +101,9 @@ def secret(kube: Kube, namespace: str, name: str) -> None:
     )
 
 
-def job(name: str, **spec: Any) -> dict[str, Any]:
+def job(name: str, **changes: Any) -> dict[str, Any]:
     body = ft.manifest(name)
-    for path, value in spec.items():
-        node = body["spec"]
-        *parents, leaf = path.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    body["spec"] = ft.changed(body["spec"], **changes)
     return body
 
 

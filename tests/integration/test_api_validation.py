@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 from typing import Any
@@ -18,20 +17,10 @@ pytestmark = pytest.mark.usefixtures("crds")
 
 
 def spec_with(**changes: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(ft.BASE_SPEC)
-    for path, value in changes.items():
-        node = spec
-        *parents, leaf = path.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is DELETE:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return spec
+    return ft.changed(ft.BASE_SPEC, **changes)
 
 
-DELETE = object()
+DELETE = ft.DELETE
 
 INVALID = [
     ("unknown-method", spec_with(method="RLHF"), "spec.method"),

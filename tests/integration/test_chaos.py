@@ -14,13 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 
 from kubetune.dev.cluster import LocalCluster
 from tests.integration.conftest import REPO, TEST_CLUSTER_PREFIX
-from tests.support import finetuning as ft
-from tests.support.chaos import ChaosPlan, fleet, run_chaos
-from tests.support.kube import Kube
+from tests.support.chaos import ChaosPlan, run_chaos, start_cluster
 
 NAMESPACE = "chaos"
 JOBS = 24
@@ -28,18 +25,10 @@ JOBS = 24
 
 @pytest.fixture(scope="module")
 def chaos_cluster() -> Iterator[LocalCluster]:
-    cluster = LocalCluster(f"{TEST_CLUSTER_PREFIX}{os.getpid()}-chaos")
-    cluster.down()
-    cluster.up(fleet=fleet(JOBS))
+    cluster = start_cluster(
+        f"{TEST_CLUSTER_PREFIX}{os.getpid()}-chaos", NAMESPACE, JOBS, REPO / "crds"
+    )
     try:
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "crd/finetuningjobs.kubetune.dev",
-            "crd/registeredmodels.kubetune.dev", "--timeout=60s",
-        )  # fmt: skip
-        kube = Kube.from_kubeconfig(cluster.kubeconfig)
-        kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
-        ft.create_volumes(kube, NAMESPACE)
         yield cluster
     finally:
         cluster.down()

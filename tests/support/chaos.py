@@ -49,6 +49,23 @@ def fleet(jobs: int) -> list[NodeSpec]:
     return gpu + cpu
 
 
+def start_cluster(name: str, namespace: str, jobs: int, crds: Path) -> LocalCluster:
+    """A fresh cluster with nodes for `jobs` jobs, the CRDs, and `namespace` with the
+    volumes the jobs name. The caller deletes it (`down()`)."""
+    cluster = LocalCluster(name)
+    cluster.down()
+    cluster.up(fleet=fleet(jobs))
+    try:
+        cluster.apply_crds(crds)
+        kube = Kube.from_kubeconfig(cluster.kubeconfig)
+        kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        ft.create_volumes(kube, namespace)
+    except BaseException:
+        cluster.down()
+        raise
+    return cluster
+
+
 def _resource_version(obj: Any) -> int:
     meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata
     value = meta["resourceVersion"] if isinstance(meta, dict) else meta.resource_version
@@ -58,7 +75,10 @@ def _resource_version(obj: Any) -> int:
 class Follower(threading.Thread):
     """List, then watch from the list's version, for as long as the run lasts; when the
     API server goes away (a restart) or the watch expires, list and watch again.
-    Every object seen, listed or watched, goes to `seen` at most once per version."""
+    Every object seen, listed or watched, goes to `seen` at most once per version.
+
+    Not the operator's own informer (kubetune_operator.cache): the instrument that
+    checks the operator must not share its code, nor its slimming and cached lists."""
 
     def __init__(self, list_fn: Callable[..., Any], seen: Callable[[str, Any], None], **kwargs):
         super().__init__(daemon=True)

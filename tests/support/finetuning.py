@@ -56,6 +56,25 @@ VALIDATION = ValidationReport(
 )
 
 
+DELETE = object()  # a value for `changed`: remove the field
+
+
+def changed(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of `spec` with fields set (or removed, given DELETE); nested fields as
+    `parent__child`, e.g. `hyperparameters__learningRate=0.1`."""
+    spec = copy.deepcopy(spec)
+    for path, value in changes.items():
+        node = spec
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return spec
+
+
 def success_message() -> str:
     """What a trainer that validated and trained would leave as its termination message."""
     return TrainerTermination(validation=VALIDATION, result=RESULT).model_dump_json(
