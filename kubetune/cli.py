@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 
 import click
 
@@ -289,6 +290,13 @@ def train(
             click.echo(f"merged: {run.output / result.artifact.merged_path}")
         for key, value in result.metrics.items():
             click.echo(f"  {key}: {value:.6g}")
+        if result.evaluation is not None:
+            from kubetune.sdk.results import evaluation_table
+
+            click.echo("evaluation:")
+            click.echo(textwrap.indent(evaluation_table(result.evaluation), "  "))
+            if result.evaluation_report_path:
+                click.echo(f"  per-example report: {run.output / result.evaluation_report_path}")
 
 
 @main.command(
@@ -320,7 +328,7 @@ def _job_row(job: dict) -> list[str]:
         spec.get("method", ""),
         (spec.get("baseModel") or {}).get("name", ""),
         progress.get("steps", ""),
-        f"{loss:.4f}" if loss is not None else "",
+        f"{loss:.4g}" if loss is not None else "",
         progress.get("eta", ""),
         _age(job["metadata"].get("creationTimestamp")),
     ]
@@ -348,6 +356,16 @@ def get_command(name: str, **options: str | None) -> None:
             click.echo("\nmetrics:")
             for key, value in sorted(status["metrics"].items()):
                 click.echo(f"  {key}: {value:.6g}")
+        if status.get("evaluation"):
+            from kubetune.api.evaluation import EvaluationResult
+            from kubetune.sdk.results import evaluation_table
+
+            evaluation = EvaluationResult.model_validate(status["evaluation"])
+            click.echo("\nevaluation:")
+            click.echo(textwrap.indent(evaluation_table(evaluation), "  "))
+            if evaluation.report:
+                report = evaluation.report
+                click.echo(f"  per-example report: pvc://{report.claim_name}/{report.path}")
         if status.get("registeredModel"):
             click.echo(f"\nregistered model: {status['registeredModel']}")
 

@@ -123,6 +123,10 @@ def build_local_run(
         dataset = locate(spec.dataset.volume, "dataset")
     elif spec.dataset.format in FILE_FORMATS:
         raise LocalRunError(f"dataset.volume is required for format {spec.dataset.format.value}")
+    evaluation_data = spec.evaluation.data if spec.evaluation else None
+    evaluation = None
+    if evaluation_data is not None and evaluation_data.volume is not None:
+        evaluation = locate(evaluation_data.volume, "evaluation data")
     output = (output_dir or locate(spec.output.volume, "output", must_exist=False)).resolve()
     local_gpu_count = local_gpus() if gpus is None else gpus
     # One process on this machine: the spec the trainer sees is what this machine runs.
@@ -146,6 +150,7 @@ def build_local_run(
         paths=TrainerPaths(
             base_model=str(base_model) if base_model else None,
             dataset=str(dataset) if dataset else None,
+            evaluation=str(evaluation) if evaluation else None,
             output=str(output),
         ),
         report=ReportTarget(file=str(output / REPORT_FILE)),

@@ -23,6 +23,13 @@ from kubetune.api.common import (
     cel,
     validations,
 )
+from kubetune.api.data import (  # noqa: F401  (re-exported: part of this API)
+    FILE_FORMATS,
+    DatasetFormat,
+    FieldMapping,
+    HuggingFaceDataset,
+)
+from kubetune.api.evaluation import EvaluationResult, EvaluationSpec
 
 KIND = "FineTuningJob"
 PLURAL = "finetuningjobs"
@@ -37,20 +44,6 @@ class FineTuningMethod(StrEnum):
     QLORA = "QLORA"
     PREFIX_TUNING = "PREFIX_TUNING"
     PROMPT_TUNING = "PROMPT_TUNING"
-
-
-class DatasetFormat(StrEnum):
-    """How the dataset is stored."""
-
-    JSONL = "JSONL"
-    CSV = "CSV"
-    TEXT = "TEXT"
-    PARQUET = "PARQUET"
-    HUGGINGFACE = "HUGGINGFACE"
-    CUSTOM = "CUSTOM"
-
-
-FILE_FORMATS = (DatasetFormat.JSONL, DatasetFormat.CSV, DatasetFormat.TEXT, DatasetFormat.PARQUET)
 
 
 class BaseModelSource(ApiModel):
@@ -93,19 +86,6 @@ class BaseModelSource(ApiModel):
     }
 
 
-class HuggingFaceDataset(ApiModel):
-    """A dataset loaded with `datasets.load_dataset`."""
-
-    name: str = Field(description="Dataset repository id.", min_length=1, max_length=NAME_MAX)
-    config: str | None = Field(
-        default=None, description="Dataset configuration name.", max_length=NAME_MAX
-    )
-    split: str = Field(default="train", description="Split to train on.", max_length=NAME_MAX)
-    revision: str | None = Field(
-        default=None, description="Revision (commit hash recommended).", max_length=NAME_MAX
-    )
-
-
 class CustomLoader(ApiModel):
     """A dataset loader from an installed Python package of the trainer image."""
 
@@ -120,41 +100,6 @@ class CustomLoader(ApiModel):
         description="Keyword arguments passed to the loader.",
         max_length=MAP_MAX,
     )
-
-
-class FieldMapping(ApiModel):
-    """Which columns hold the example. Set `text` for plain text, `prompt` and
-    `completion` for instruction data (loss on the completion only), or
-    `messages` for chat data (loss on assistant turns only)."""
-
-    text: str | None = Field(
-        default=None, description="Column with plain text.", max_length=NAME_MAX
-    )
-    prompt: str | None = Field(
-        default=None, description="Column with the prompt.", max_length=NAME_MAX
-    )
-    completion: str | None = Field(
-        default=None, description="Column with the completion.", max_length=NAME_MAX
-    )
-    messages: str | None = Field(
-        default=None,
-        description="Column with a list of {role, content} chat messages.",
-        max_length=NAME_MAX,
-    )
-
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": validations(
-            cel(
-                "[has(self.text), has(self.prompt) || has(self.completion), has(self.messages)]"
-                ".filter(x, x).size() <= 1",
-                "set only one shape: text, prompt/completion, or messages",
-            ),
-            cel(
-                "has(self.prompt) == has(self.completion)",
-                "prompt and completion go together",
-            ),
-        )
-    }
 
 
 class PreprocessingType(StrEnum):
@@ -661,6 +606,13 @@ _METHOD_SETTINGS_RULES = validations(
         "output.mergeAdapter applies only to LORA and QLORA (prefix and prompt adapters cannot be merged)",
         field_path=".output.mergeAdapter",
     ),
+    cel(
+        "!has(self.evaluation) || has(self.evaluation.data) "
+        "|| !has(self.dataset.validationSplit) || self.dataset.validationSplit > 0.0",
+        "evaluation needs held-out examples: set evaluation.data, or a dataset.validationSplit "
+        "above 0 (evaluation then uses the validation split)",
+        field_path=".evaluation",
+    ),
 )
 
 
@@ -686,6 +638,11 @@ class FineTuningJobSpec(ApiModel):
         default_factory=Hyperparameters, description="Training settings."
     )
     output: OutputSpec = Field(description="Where checkpoints and the trained model are written.")
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="Evaluate the trained model (and the base model) on held-out examples after "
+        "training: loss, token accuracy and generation metrics.",
+    )
     resources: ResourceSpec = Field(
         default_factory=ResourceSpec, description="Compute and placement."
     )
@@ -754,6 +711,18 @@ class Phase(StrEnum):
     CANCELLED = "Cancelled"  # stopped by the user; the record is kept
 
 
+class ProgressDisplay(ApiModel):
+    """Progress numbers as `kubectl get` shows them."""
+
+    loss: str = Field(default="", description="Training loss, 4 significant digits.", max_length=32)
+    eval_loss: str = Field(
+        default="", description="Validation loss, 4 significant digits.", max_length=32
+    )
+    tokens_per_second: str = Field(
+        default="", description="Tokens per second, e.g. 1.23k.", max_length=32
+    )
+
+
 class Progress(ApiModel):
     """Training progress as last reported by the trainer."""
 
@@ -773,6 +742,10 @@ class Progress(ApiModel):
     )
     eta: str = Field(
         default="", description="Estimated time to completion, for display.", max_length=64
+    )
+    display: ProgressDisplay = Field(
+        default_factory=ProgressDisplay,
+        description="The numbers above rounded for `kubectl get` (the full values stay above).",
     )
     updated_at: datetime | None = Field(default=None, description="When the trainer reported this.")
 
@@ -899,7 +872,12 @@ class FineTuningJobStatus(ApiModel):
         "of them failed or was disrupted.",
     )
     metrics: dict[str, float] = Field(
-        default_factory=dict, description="Final metrics from the trainer."
+        default_factory=dict,
+        description="Final metrics from the trainer; with spec.evaluation also eval_<metric> and "
+        "base_eval_<metric>.",
+    )
+    evaluation: EvaluationResult | None = Field(
+        default=None, description="What spec.evaluation measured, tuned and base model."
     )
     artifact: ArtifactStatus | None = Field(default=None, description="The trained model's files.")
     dataset_digest: str | None = Field(default=None, description="sha256 of the prepared dataset.")

@@ -12,6 +12,7 @@ from datetime import datetime
 from pydantic import Field
 
 from kubetune.api.common import NAME_MAX, TEXT_MAX, ApiModel, VolumeLocation, cel, validations
+from kubetune.api.evaluation import EvaluationResult
 from kubetune.api.finetuningjob import (
     BaseModelSource,
     CustomLoader,
@@ -115,6 +116,12 @@ class RegisteredModelSpec(ApiModel):
     seed: int = Field(description="Random seed.")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Final metrics (loss, eval loss, perplexity)."
+    )
+    evaluation: EvaluationResult | None = Field(
+        default=None,
+        description="The evaluation on held-out examples: each metric for the base model "
+        "(before) and the fine-tuned one (after), the evaluation set's digest and the "
+        "per-example report.",
     )
     source_job: SourceJob = Field(description="The FineTuningJob that trained it.")
     trainer_image: str = Field(description="Image that ran the trainer.", max_length=512)

@@ -26,6 +26,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from kubetune.api.common import ApiModel
+from kubetune.api.evaluation import EvaluationResult
 from kubetune.api.finetuningjob import FineTuningJobSpec, ResolvedHyperparameters
 
 # Exit codes (sysexits.h). The Job's podFailurePolicy fails the job at once on
@@ -66,6 +67,9 @@ class TrainerPaths(ApiModel):
         default=None, description="Folder of the base model (else the Hub)."
     )
     dataset: str | None = Field(default=None, description="Dataset file or folder (file formats).")
+    evaluation: str | None = Field(
+        default=None, description="File of the evaluation examples (spec.evaluation.data)."
+    )
     output: str = Field(description="Folder for checkpoints and the trained model.")
     cache: str | None = Field(default=None, description="Hugging Face cache folder.")
 
@@ -151,6 +155,15 @@ class ResultReport(ApiModel):
     completed_at: datetime = Field(description="When training finished.")
     hyperparameters: ResolvedHyperparameters | None = Field(
         default=None, description="The hyperparameters the model was trained with."
+    )
+    evaluation: EvaluationResult | None = Field(
+        default=None,
+        description="What spec.evaluation measured (its report, if any, is at "
+        "evaluationReportPath).",
+    )
+    evaluation_report_path: str | None = Field(
+        default=None,
+        description="The per-example evaluation report, relative to the output location.",
     )
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.evaluation import flat_metrics
 from kubetune.sdk.cluster import TERMINAL_PHASES, Cluster, NotFound
 from kubetune.sdk.config import (
     FineTuningConfig,
@@ -75,6 +76,7 @@ class ClusterBackend:
             start_time=_parse_time(status.get("startTime") or meta.get("creationTimestamp")),
             end_time=_parse_time(status.get("completionTime")),
             metrics=status.get("metrics") or {},
+            evaluation=status.get("evaluation"),
             error=f"{failure['reason']}: {failure['message']}" if failure else None,
             step=progress.get("step", 0),
             total_steps=progress.get("totalSteps", 0),
@@ -250,6 +252,9 @@ class LocalBackend:
         if code == 0 and termination and termination.result:
             result.status = "completed"
             result.metrics = dict(termination.result.metrics)
+            result.evaluation = termination.result.evaluation
+            if result.evaluation is not None and not result.evaluation.error:
+                result.metrics.update(flat_metrics(result.evaluation))
         else:
             result.status = "failed"
             if termination and termination.error:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from kubetune.api.evaluation import EvaluationResult
+
 Status = Literal["created", "running", "completed", "failed", "cancelled"]
 TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
 
@@ -33,6 +35,8 @@ class FineTuningResult(BaseModel):
     start_time: datetime | None = None
     end_time: datetime | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    # spec.evaluation's results: each metric for the base and the fine-tuned model.
+    evaluation: EvaluationResult | None = None
     error: str | None = None
     # Progress, as last reported by the trainer.
     step: int = 0
@@ -57,3 +61,27 @@ class FineTuningResult(BaseModel):
             "loss": self.loss,
             "eta_seconds": self.eta_seconds,
         }
+
+    def evaluation_table(self) -> str:
+        """The evaluation as text: one line per metric, base -> fine-tuned."""
+        return evaluation_table(self.evaluation)
+
+
+def evaluation_table(evaluation: EvaluationResult | None) -> str:
+    if evaluation is None:
+        return ""
+    if evaluation.error:
+        return f"evaluation failed: {evaluation.error}"
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    width = max([len("metric"), *(len(name) for name in evaluation.metrics)])
+    lines = [f"{'metric':<{width}}  {'base':>8}  {'tuned':>8}  {'change':>8}"]
+    for name, value in evaluation.metrics.items():
+        change = "" if value.base is None else f"{value.tuned - value.base:+.4g}"
+        lines.append(
+            f"{name:<{width}}  {shown(value.base):>8}  {shown(value.tuned):>8}  {change:>8}"
+        )
+    lines.append(f"({evaluation.examples} examples, {evaluation.dataset_digest or 'no digest'})")
+    return "\n".join(lines)

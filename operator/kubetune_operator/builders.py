@@ -76,11 +76,17 @@ def _claims(spec: FineTuningJobSpec) -> dict[str, bool]:
     for location, writable in (
         (spec.base_model.volume, False),
         (spec.dataset.volume, False),
+        (_evaluation_volume(spec), False),
         (spec.output.volume, True),
     ):
         if location is not None:
             claims[location.claim_name] = claims.get(location.claim_name, False) or writable
     return claims
+
+
+def _evaluation_volume(spec: FineTuningJobSpec) -> VolumeLocation | None:
+    data = spec.evaluation.data if spec.evaluation else None
+    return data.volume if data else None
 
 
 def mounted_path(location: VolumeLocation) -> str:
@@ -105,6 +111,7 @@ def trainer_config(body: Obj, spec: FineTuningJobSpec, settings: OperatorSetting
             dataset=mounted_path(spec.dataset.volume)
             if spec.dataset.volume and spec.dataset.format in FILE_FORMATS
             else None,
+            evaluation=mounted_path(volume) if (volume := _evaluation_volume(spec)) else None,
             output=mounted_path(spec.output.job_location(meta["name"], meta["uid"])),
             cache=f"{CACHE_DIR}/huggingface",
         ),

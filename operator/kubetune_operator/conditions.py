@@ -12,6 +12,7 @@ SUSPENDED = "Suspended"
 RUNNING = "Running"
 SUCCEEDED = "Succeeded"
 REGISTERED = "Registered"
+EVALUATED = "Evaluated"  # spec.evaluation ran (True) or failed (False); the model is kept
 FAILED = "Failed"
 CANCELLED = "Cancelled"
 # The summary, for generic tools (kubectl wait --for=condition=Ready, Argo CD, kstatus):
@@ -35,6 +36,8 @@ NOT_STARTED = "NotStarted"
 STOPPED = "Stopped"
 TRAINING_COMPLETE = "TrainingComplete"
 MODEL_REGISTERED = "ModelRegistered"
+EVALUATION_COMPLETE = "EvaluationComplete"
+EVALUATION_FAILED = "EvaluationFailed"
 REGISTRATION_DISABLED = "RegistrationDisabled"
 CANCELLED_BY_USER = "CancelledByUser"
 NAME_TAKEN = "NameTaken"  # the RegisteredModel's name records another job's model
@@ -52,6 +55,7 @@ WARNING_REASONS = {
     NAME_TAKEN,
     NAME_CONFLICT,
     CREATE_REFUSED,
+    EVALUATION_FAILED,
 }
 
 

@@ -114,7 +114,8 @@ def desired_registered_model(
         ),
         hyperparameters=status.hyperparameters,
         seed=spec.seed,
-        metrics=dict(result.metrics),
+        metrics=dict(status.metrics or result.metrics),
+        evaluation=status.evaluation,
         source_job=rm.SourceJob(
             name=meta["name"],
             namespace=meta["namespace"],

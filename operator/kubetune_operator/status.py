@@ -18,11 +18,13 @@ from kubetune.api.finetuningjob import (
     FineTuningJobStatus,
     Phase,
     Progress,
+    ProgressDisplay,
     ResolvedHyperparameters,
 )
 from kubetune_operator import builders, failures
 from kubetune_operator import conditions as c
 from kubetune_operator import observed as obs
+from kubetune_operator.evaluated import record_evaluation
 from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.registration import registration_conditions
 from kubetune_operator.settings import OperatorSettings
@@ -38,6 +40,21 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+def format_number(value: float | None) -> str:
+    """4 significant digits: 6.039865 -> '6.04', 0.000123456 -> '0.0001235'."""
+    return "" if value is None else f"{value:.4g}"
+
+
+def format_rate(value: float | None) -> str:
+    """1234.5 -> '1.23k', 987.6 -> '988', 2.5e6 -> '2.50M'."""
+    if value is None:
+        return ""
+    for limit, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def is_terminal(status: FineTuningJobStatus) -> bool:
@@ -64,6 +81,11 @@ def _progress(observed: Observed, previous: Progress | None) -> Progress | None:
         tokens_per_second=report.tokens_per_second,
         eta_seconds=eta_seconds,
         eta=format_duration(eta_seconds) if eta_seconds is not None else "",
+        display=ProgressDisplay(
+            loss=format_number(report.loss),
+            eval_loss=format_number(report.eval_loss),
+            tokens_per_second=format_rate(report.tokens_per_second),
+        ),
         updated_at=report.timestamp,
     )
 
@@ -306,6 +328,7 @@ def _training(
                 "operator's report endpoint nor its termination message)",
             )
         status.metrics = dict(result.metrics)
+        record_evaluation(status, conds, spec, result, meta)
         status.dataset_digest = result.dataset_digest or status.dataset_digest
         status.artifact = ArtifactStatus(
             # The trainer reports the path relative to the job's own output folder.

@@ -230,3 +230,70 @@ def test_deleting_a_running_job_stops_the_process(
     assert pod.metadata.name not in {
         p.metadata.name for p in kube.core.list_namespaced_pod(ns).items
     }
+
+
+def test_evaluation_through_the_operator_sdk_and_cli(
+    e2e_cluster: LocalCluster, kube: Kube, ns: str, data_root: Path
+) -> None:
+    """spec.evaluation on the validation split: both models measured in the training pod,
+    the results in the status, the condition, the RegisteredModel, the report file next
+    to the artifact, the SDK's result and `kubetune get`; loss readable in kubectl."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from kubetune.cli import main as cli_main
+    from kubetune.fine_tuning import ModelFineTuner
+
+    evaluation = {
+        "metrics": ["loss", "token_accuracy", "contains", "rouge_l"],
+        "generation": {"maxNewTokens": 4},
+    }
+    body = manifest("evaluated", "LORA", evaluation=evaluation)
+    kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
+    done = ft.wait_status(
+        kube,
+        ns,
+        "evaluated",
+        lambda s: s.get("phase") in ("Succeeded", "Failed"),
+        describe="finished",
+        timeout=TIMEOUT,
+    )["status"]
+    assert done["phase"] == "Succeeded", done.get("failure")
+    evaluated = ft.condition(done, "Evaluated")
+    assert (evaluated["status"], evaluated["reason"]) == ("True", "EvaluationComplete")
+    result = done["evaluation"]
+    assert set(result["metrics"]) == set(evaluation["metrics"])
+    assert result["metrics"]["loss"]["tuned"] < result["metrics"]["loss"]["base"]
+    assert done["metrics"]["eval_loss"] == result["metrics"]["loss"]["tuned"]
+    assert done["metrics"]["base_eval_contains"] == result["metrics"]["contains"]["base"]
+    report = data_root / "models" / result["report"]["path"]
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == result["examples"] > 0
+    assert {"prompt", "reference", "base_output", "tuned_output"} <= set(rows[0])
+
+    model = kube.custom.get_namespaced_custom_object(
+        GROUP, VERSION, ns, "registeredmodels", done["registeredModel"]
+    )
+    assert model["spec"]["evaluation"]["metrics"] == result["metrics"]
+    assert model["spec"]["evaluation"]["datasetDigest"] == result["datasetDigest"]
+    artifact = data_root / "models" / model["spec"]["artifact"]["volume"]["path"]
+    assert report.parent == artifact.parent  # next to the model
+    assert "## Evaluation" in (artifact / "README.md").read_text()
+
+    # kubectl shows the loss rounded; the full value stays in the status.
+    loss = done["progress"]["loss"]
+    table = kubectl(e2e_cluster, "get", "ftj", "evaluated", "-n", ns)
+    assert f"{loss:.4g}" in table and repr(loss) not in table
+
+    tuner = ModelFineTuner(backend="cluster", kubeconfig=kube.kubeconfig, namespace=ns)
+    sdk_result = asyncio.run(tuner.get_fine_tuning_job("evaluated"))
+    assert sdk_result.evaluation.metrics["contains"].tuned == result["metrics"]["contains"]["tuned"]
+    assert "contains" in sdk_result.evaluation_table()
+
+    shown = CliRunner().invoke(
+        cli_main, ["--kubeconfig", str(kube.kubeconfig), "-n", ns, "get", "evaluated"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "evaluation:" in shown.output and "rouge_l" in shown.output
+    assert "per-example report: pvc://models/" in shown.output

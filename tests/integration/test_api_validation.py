@@ -131,6 +131,41 @@ INVALID = [
     ),
     ("unknown-field", spec_with(learningRate=0.1), "learningRate"),
     (
+        "unknown-evaluation-metric",
+        spec_with(evaluation={"metrics": ["bleu"]}),
+        "spec.evaluation.metrics[0]",
+    ),
+    (
+        "regex-metric-without-regex",
+        spec_with(evaluation={"metrics": ["regex"]}),
+        "spec.evaluation.regex",
+    ),
+    (
+        "json-schema-without-metric",
+        spec_with(evaluation={"metrics": ["contains"], "jsonSchema": {"type": "object"}}),
+        "spec.evaluation.jsonSchema",
+    ),
+    (
+        "evaluation-without-held-out-examples",
+        spec_with(dataset__validationSplit=0.0, evaluation={"metrics": ["contains"]}),
+        "spec.evaluation",
+    ),
+    (
+        "evaluation-data-without-file",
+        spec_with(evaluation={"data": {"format": "JSONL"}}),
+        "spec.evaluation.data.volume",
+    ),
+    (
+        "evaluation-zero-new-tokens",
+        spec_with(evaluation={"generation": {"maxNewTokens": 0}}),
+        "spec.evaluation.generation.maxNewTokens",
+    ),
+    (
+        "evaluation-duplicate-metric",
+        spec_with(evaluation={"metrics": ["contains", "contains"]}),
+        "spec.evaluation.metrics",
+    ),
+    (
         "bad-secret-name",
         spec_with(
             baseModel={"name": "org/m", "revision": "abc", "tokenSecretRef": {"name": "Not_Valid"}}
@@ -172,6 +207,26 @@ def test_valid_manifests_are_accepted_with_defaults(kube: Kube, namespace: str) 
     assert spec["seed"] == 42
     assert spec["resources"]["gpus"] == 1
     assert spec["dataset"]["validateFirst"] is True
+    evaluated = ft.create(
+        kube,
+        namespace,
+        ft.manifest(
+            "evaluated",
+            evaluation={
+                "data": {"format": "JSONL", "volume": {"claimName": "datasets", "path": "e.jsonl"}},
+                "metrics": ["contains", "rouge_l", "json_schema"],
+                "jsonSchema": {"type": "object", "required": ["answer"]},
+            },
+        ),
+    )["spec"]["evaluation"]
+    assert evaluated["compareBase"] is True
+    assert evaluated["generation"] == {
+        "maxNewTokens": 64,
+        "temperature": 0.0,
+        "topP": 1.0,
+        "batchSize": 8,
+    }
+    assert evaluated["jsonSchema"] == {"type": "object", "required": ["answer"]}
     for method, extra in [
         ("FULL", {"lora": DELETE}),
         ("QLORA", {"quantization": {"bits": 4, "quantType": "nf4"}}),

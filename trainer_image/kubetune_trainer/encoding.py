@@ -94,6 +94,10 @@ class Encoder:
             )
         return example, truncated
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's tokens, exactly as a prompt/completion example starts."""
+        return self._tokens(text)
+
     def _tokens(self, text: str, special: bool = True) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         return self._single_bos(ids)

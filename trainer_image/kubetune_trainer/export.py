@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from kubetune.api.evaluation import EvaluationResult
 from kubetune.api.finetuningjob import FineTuningMethod, ResolvedHyperparameters
 from kubetune.api.trainer import TrainerConfig
 
@@ -100,6 +101,7 @@ def write_model_card(
     metrics: dict[str, float],
     digest: str,
     dataset_digest: str,
+    evaluation: EvaluationResult | None = None,
 ) -> None:
     spec = config.spec
     method = spec.method
@@ -121,6 +123,10 @@ def write_model_card(
             "metrics": metrics,
         },
     }
+    if evaluation is not None:
+        metadata["kubetune"]["evaluation"] = evaluation.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
     front_matter = yaml.safe_dump(metadata, sort_keys=False)
     body = (
         f"# {config.job.name}\n\n"
@@ -128,8 +134,29 @@ def write_model_card(
         f"(FineTuningJob `{config.job.namespace}/{config.job.name}`).\n\n"
         "| metric | value |\n|---|---|\n"
         + "".join(f"| {k} | {v:.6g} |\n" for k, v in metrics.items())
+        + _evaluation_section(evaluation)
     )
     (folder / "README.md").write_text(f"---\n{front_matter}---\n\n{body}", encoding="utf-8")
+
+
+def _evaluation_section(evaluation: EvaluationResult | None) -> str:
+    if evaluation is None:
+        return ""
+    if evaluation.error:
+        return f"\n## Evaluation\n\nThe evaluation failed: {evaluation.error}\n"
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    return (
+        f"\n## Evaluation\n\n{evaluation.examples} held-out examples "
+        f"(`{evaluation.dataset_digest}`); per-example outputs in `../evaluation.jsonl`.\n\n"
+        "| metric | base model | fine-tuned |\n|---|---|---|\n"
+        + "".join(
+            f"| {name} | {shown(value.base)} | {shown(value.tuned)} |\n"
+            for name, value in evaluation.metrics.items()
+        )
+    )
 
 
 def write_json(path: Path, document: dict) -> None:

@@ -11,7 +11,13 @@ from kubetune_trainer.data import load_records, records_digest, split_records
 from kubetune_trainer.encoding import EncodedSplit, Encoder
 from kubetune_trainer.errors import InvalidDataset
 from kubetune_trainer.preprocessing import PipelineContext, run_pipeline
-from kubetune_trainer.records import Record, check_example, columns_of, resolve_shape
+from kubetune_trainer.records import (
+    ExampleShape,
+    Record,
+    check_example,
+    columns_of,
+    resolve_shape,
+)
 from kubetune_trainer.sources import TextMode
 
 
@@ -20,6 +26,8 @@ class PreparedDataset:
     train: EncodedSplit
     eval: EncodedSplit
     report: ValidationReport
+    eval_records: list[Record]  # the validation split's rows, as spec.evaluation reads them
+    shape: ExampleShape
 
 
 def preprocess_and_split(
@@ -99,4 +107,6 @@ def prepare_dataset(
         digest="sha256:" + records_digest(train_records, eval_records),
         steps=lines,
     )
-    return PreparedDataset(train=train, eval=evaluation, report=report)
+    return PreparedDataset(
+        train=train, eval=evaluation, report=report, eval_records=eval_records, shape=shape
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kubetune.api.evaluation import EvaluationResult
 from kubetune.api.finetuningjob import (
     DistributedStrategy,
     FineTuningMethod,
@@ -37,6 +38,8 @@ from kubetune_trainer.callbacks import CheckpointMarker, Progress, StepObserver,
 from kubetune_trainer.checkpoints import resumable_checkpoint
 from kubetune_trainer.distributed import Processes, device_for, enable_fsdp_on_cpu, fsdp_settings
 from kubetune_trainer.errors import Interrupted
+from kubetune_trainer.evaluation import REPORT_FILE, evaluate_models
+from kubetune_trainer.evaluation_set import load_evaluation_set
 from kubetune_trainer.preparation import prepare_dataset
 from kubetune_trainer.reporting import Reporter, now
 from kubetune_trainer.training import build_trainer, sft_arguments
@@ -72,6 +75,8 @@ def run(
 
     # --- data ----------------------------------------------------------------
     data = prepare_dataset(config, tokenizer, device=device.type)
+    # Read and checked in the validation pod too: a bad evaluation set costs no GPU time.
+    evaluation_set = load_evaluation_set(config, tokenizer, data.eval_records, data.shape)
     reporter.validation(data.report)
     for line in data.report.steps:
         log.info("dataset: %s", line)
@@ -161,7 +166,6 @@ def run(
     if not processes.is_main:
         return TrainerTermination()
     digest = export.weights_digest(model_dir)
-    export.write_model_card(config, hp, model_dir, metrics, digest, data.report.digest)
     export.write_json(
         output / "metrics.json",
         {
@@ -170,10 +174,16 @@ def run(
             "eval_history": logged(trainer.state.log_history, "eval_loss"),
         },
     )
+    del trainer, model  # what follows loads models from disk
+    free_memory()
+    evaluation = None
+    if evaluation_set is not None:
+        evaluation = evaluate_safely(
+            config, hp, source, tokenizer, device, model_dir, output, evaluation_set
+        )
+    export.write_model_card(config, hp, model_dir, metrics, digest, data.report.digest, evaluation)
     merged_path = None
     if spec.output.merge_adapter and spec.method in (FineTuningMethod.LORA, FineTuningMethod.QLORA):
-        del trainer, model
-        gc.collect()
         merged_path = MERGED_DIR
         save_merged(config, hp, source, tokenizer, device, model_dir, output / MERGED_DIR)
 
@@ -188,9 +198,36 @@ def run(
         dataset_digest=data.report.digest,
         completed_at=now(),
         hyperparameters=hp,
+        evaluation=evaluation,
+        evaluation_report_path=REPORT_FILE if evaluation and not evaluation.error else None,
     )
     reporter.result(result)
     return TrainerTermination(result=result)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_safely(config, hp, source, tokenizer, device, model_dir, output, evaluation_set):
+    """spec.evaluation, whose failure never costs the trained model: it is saved already,
+    and an error becomes the result's message (the operator's Evaluated condition)."""
+    try:
+        return evaluate_models(
+            config, hp, source, tokenizer, device, model_dir, output, evaluation_set
+        )
+    except Exception as err:
+        log.exception("evaluation failed; the trained model is kept")
+        message = f"evaluation failed after training ({type(err).__name__}: {err}); the model "
+        return EvaluationResult(
+            examples=len(evaluation_set.examples),
+            dataset_digest=evaluation_set.digest,
+            error=(message + "was saved and registered")[:4000],
+        )
+    finally:
+        free_memory()
 
 
 def _fmt(value: float | None) -> str:

@@ -70,7 +70,9 @@ def test_printer_columns_show_progress_loss_and_eta() -> None:
         for c in crd.finetuningjob_crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     }
     assert columns["Progress"]["jsonPath"] == ".status.progress.steps"
-    assert columns["Loss"]["type"] == "number"
+    # Rounded by the operator for display; the full value stays in .status.progress.loss.
+    assert columns["Loss"]["jsonPath"] == ".status.progress.display.loss"
+    assert columns["Tokens/s"]["jsonPath"] == ".status.progress.display.tokensPerSecond"
     assert columns["ETA"]["jsonPath"] == ".status.progress.eta"
     assert {"Phase", "Method", "Base Model", "Age"} <= set(columns)
 

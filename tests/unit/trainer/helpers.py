@@ -70,6 +70,7 @@ def make_config(
     spec: dict | None = None,
     hyperparameters: dict | None = None,
     output: Path | None = None,
+    evaluation_path: Path | None = None,
 ) -> TrainerConfig:
     if dataset is None:
         dataset = write_jsonl(tmp_path / "data" / "train.jsonl", qa_rows())
@@ -105,6 +106,7 @@ def make_config(
             "paths": {
                 "baseModel": str(model_dir),
                 "dataset": str(dataset) if dataset else None,
+                "evaluation": str(evaluation_path) if evaluation_path else None,
                 "output": str(output),
             },
             "report": {"file": str(output / "report.json")},
