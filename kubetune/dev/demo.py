@@ -2,18 +2,23 @@
 
 Starts the development cluster (real control plane, simulated GPU nodes and
 one node agent whose pods run as local processes), the operator, applies
-examples/demo/finetuningjob.yaml, follows its progress live, and ends with the
-RegisteredModel, a sample generation from the trained adapter and a loss-curve
-PNG. The cluster ("demo") stays up afterwards; `python -m kubetune dev down
---name demo` removes it.
+examples/demo/finetuningjob.yaml (LoRA on SmolLM2-135M-Instruct, a real
+pretrained model, installed from PyPI and converted once by
+kubetune.dev.models), follows its progress live, and ends with the held-out
+questions answered by the base model and by the fine-tuned one side by side,
+the evaluation's numbers, the RegisteredModel and a loss-curve PNG. The
+cluster ("demo") stays up afterwards; `python -m kubetune dev down --name
+demo` removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -21,12 +26,15 @@ from kubernetes import client
 
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.cluster import LocalCluster, cache_dir
+from kubetune.dev.models import smollm2
 from kubetune.dev.nodes import default_fleet
 from kubetune.dev.processes import OperatorProcess, python_env, start_node_agent
 from kubetune.dev.volumes import bound_claim
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "examples" / "demo" / "finetuningjob.yaml"
+DATA = REPO / "examples" / "demo" / "data"
+JOB = "quillbox-assistant"
 NAMESPACE = "demo"
 NODE = "local-0"
 
@@ -35,23 +43,19 @@ def say(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m", flush=True)
 
 
-def prepare_volumes(root: Path) -> None:
-    """A tiny model (built locally, nothing downloaded) and the example dataset."""
-    model = root / "models" / "tiny-llama"
-    if not (model / "config.json").is_file():
-        subprocess.run(
-            [sys.executable, "-m", "kubetune_trainer.tiny", str(model)],
-            env=python_env(),
-            check=True,
-        )
-    (root / "datasets").mkdir(parents=True, exist_ok=True)
-    shutil.copy(
-        REPO / "examples" / "local" / "data" / "train.jsonl", root / "datasets" / "train.jsonl"
-    )
+def prepare_volumes(root: Path) -> Path:
+    """The base model (converted on first use) and the example dataset; returns the
+    folder that the base-models claim exposes (read-only)."""
+    base_models = smollm2().parent
+    datasets = root / "datasets" / "quillbox"
+    datasets.mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(DATA / name, datasets / name)
     shutil.rmtree(root / "models" / "out", ignore_errors=True)  # earlier runs' folders
+    return base_models
 
 
-def ensure_namespace(core: client.CoreV1Api, root: Path) -> None:
+def ensure_namespace(core: client.CoreV1Api, root: Path, base_models: Path) -> None:
     try:
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
     except client.ApiException as err:
@@ -59,31 +63,28 @@ def ensure_namespace(core: client.CoreV1Api, root: Path) -> None:
             raise
     for claim in ("models", "datasets"):
         bound_claim(core, NAMESPACE, claim, root / claim, size="1Gi")
+    bound_claim(core, NAMESPACE, "base-models", base_models, size="2Gi")
 
 
-def sample_generation(adapter: Path) -> str:
-    script = (
-        "import sys\n"
-        "from peft import AutoPeftModelForCausalLM\n"
-        "from transformers import AutoTokenizer\n"
-        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])\n"
-        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "prompt = 'Q: what is the capital of france?\\nA:'\n"
-        "ids = tok(prompt, return_tensors='pt')\n"
-        "out = model.generate(**ids, max_new_tokens=12, do_sample=False)\n"
-        "print(repr(prompt), '->', repr(tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=False).strip()))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(adapter)],
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip().splitlines()[-1]
+def side_by_side(report: Path, width: int = 78) -> str:
+    """The per-example report as a person reads it: question, then each model's answer."""
+    lines = []
+    for row in map(json.loads, report.read_text(encoding="utf-8").splitlines()):
+        scores = row.get("tuned_scores") or {}
+        mark = "ok " if scores.get("contains") else "   "
+        lines.append(f"Q: {row['prompt']}")
+        lines.append("   base : " + _one_line(row.get("base_output") or "-", width))
+        lines.append(f"{mark}tuned: " + _one_line(row.get("tuned_output") or "-", width))
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def main() -> None:
+    started = time.monotonic()
     root = cache_dir() / "demo"
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -115,26 +116,25 @@ def main() -> None:
             check=True,
         )
 
-        prepare_volumes(root)
+        say("Preparing the base model, SmolLM2-135M-Instruct (converted once, then cached)")
+        base_models = prepare_volumes(root)
         core = client.CoreV1Api(client.ApiClient(_configuration(cluster)))
-        ensure_namespace(core, root)
+        ensure_namespace(core, root, base_models)
         custom = client.CustomObjectsApi(core.api_client)
         # A rerun starts over: records outlive their jobs, and a new job may not
         # take over an old job's RegisteredModel name.
         with contextlib.suppress(client.ApiException):
             custom.delete_namespaced_custom_object(
-                GROUP, VERSION, NAMESPACE, "registeredmodels", "support-bot"
+                GROUP, VERSION, NAMESPACE, "registeredmodels", JOB
             )
         try:
-            custom.delete_namespaced_custom_object(
-                GROUP, VERSION, NAMESPACE, "finetuningjobs", "support-bot"
-            )
+            custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "finetuningjobs", JOB)
             subprocess.run(
                 [
                     *kubectl,
                     "wait",
                     "--for=delete",
-                    "ftj/support-bot",
+                    f"ftj/{JOB}",
                     "-n",
                     NAMESPACE,
                     "--timeout=60s",
@@ -157,28 +157,39 @@ def main() -> None:
             "-n",
             NAMESPACE,
         ]
-        subprocess.run([*cli, "watch", "support-bot", "--timeout", "900"], env=env, check=True)
+        subprocess.run([*cli, "watch", JOB, "--timeout", "900"], env=env, check=True)
         subprocess.run([*kubectl, "get", "ftj", "-n", NAMESPACE, "-o", "wide"], check=True)
 
-        job = custom.get_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, "finetuningjobs", "support-bot"
-        )
-        model_name = job["status"]["registeredModel"]
-        say(f"RegisteredModel {model_name}")
+        job = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "finetuningjobs", JOB)
+        status = job["status"]
+        report = root / "models" / status["evaluation"]["report"]["path"]
+        say("Held-out questions (never in training): the base model, then the fine-tuned one")
+        print(side_by_side(report))
+        say(f"kubetune get {JOB}: metrics and the evaluation, base vs fine-tuned")
+        subprocess.run([*cli, "get", JOB], env=env, check=True)
+
+        model_name = status["registeredModel"]
+        say(f"RegisteredModel {model_name} (kubectl get rm {model_name} -n {NAMESPACE} -o yaml)")
         model = custom.get_namespaced_custom_object(
             GROUP, VERSION, NAMESPACE, "registeredmodels", model_name
         )
-        print(yaml.safe_dump({"spec": model["spec"]}, sort_keys=False))
+        record = dict(model["spec"])
+        record.pop("serving", None)
+        record["hyperparameters"] = {
+            k: v for k, v in record["hyperparameters"].items() if k != "decisions"
+        }
+        print(yaml.safe_dump({"spec": record}, sort_keys=False))
 
         # The job's own folder on the output volume holds the model and the run's logs.
-        artifact = root / "models" / model["spec"]["artifact"]["volume"]["path"]
-        output = artifact.parent
-        say("A sample generation from the trained adapter")
-        print(sample_generation(artifact))
+        output = (root / "models" / model["spec"]["artifact"]["volume"]["path"]).parent
         png = REPO / "out" / "loss-curve.png"
         png.parent.mkdir(exist_ok=True)
         subprocess.run([*cli, "plot", str(output), "-o", str(png)], env=env, check=True)
-        say(f"Done. Loss curve: {png.relative_to(REPO)}; cluster kubeconfig: {cluster.kubeconfig}")
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        say(
+            f"Done in {minutes}m{seconds:02d}s. Loss curve: {png.relative_to(REPO)}; "
+            f"cluster kubeconfig: {cluster.kubeconfig}"
+        )
         print(
             "The cluster stays up for a look around (kubectl get ftj,rm -A); "
             "`python -m kubetune dev down --name demo` removes it."
