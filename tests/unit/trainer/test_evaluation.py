@@ -203,3 +203,25 @@ def test_loss_and_accuracy_match_the_library_loss(tiny_model_dir):
     total = sum(value * count for value, count in expected) / sum(c for _, c in expected)
     assert loss == pytest.approx(total, rel=1e-5)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_evaluation_data_from_a_hugging_face_dataset(tmp_path, tiny_model_dir):
+    """The Hub path (datasets.load_dataset), here on a local dataset folder as the Hub
+    cache would hold one: offline, nothing is downloaded."""
+    rows = [{"question": "Q: what is the capital of japan?\nA:", "answer": " tokyo"}] * 3
+    write_jsonl(tmp_path / "hub-dataset" / "test.jsonl", rows)
+    evaluation = {
+        "data": {
+            "format": "HUGGINGFACE",
+            "huggingFace": {"name": str(tmp_path / "hub-dataset"), "split": "test"},
+        },
+        "metrics": ["loss", "contains"],
+        "generation": {"maxNewTokens": 3},
+    }
+    code, message, _ = train(
+        tmp_path, tiny_model_dir, spec={"evaluation": evaluation}, hyperparameters=LEARN
+    )
+    assert code == 0, message
+    result = message["result"]["evaluation"]
+    assert result["examples"] == 3
+    assert result["metrics"]["loss"]["tuned"] < result["metrics"]["loss"]["base"]
