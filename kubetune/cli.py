@@ -560,3 +560,9 @@ def plot_command(name: str, out: str, **options: str | None) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Registered last: the sweep commands use this module's helpers.
+from kubetune.cli_sweeps import sweep_group  # noqa: E402
+
+main.add_command(sweep_group)

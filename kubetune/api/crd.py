@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from kubetune.api import admission
 from kubetune.api import finetuningjob as ftj
 from kubetune.api import registeredmodel as rm
+from kubetune.api import sweep as sw
 from kubetune.api.common import GROUP, LIST_MAX, TEXT_MAX, VERSION
 
 Schema = dict[str, Any]
@@ -323,6 +324,23 @@ def registeredmodel_crd() -> Schema:
     return _crd(rm.KIND, rm.PLURAL, rm.SHORT_NAME, root, columns, ["kubetune"], status=False)
 
 
+def finetuningsweep_crd() -> Schema:
+    spec = model_schema(sw.FineTuningSweepSpec)
+    status = model_schema(sw.FineTuningSweepStatus)
+    root = _object_root(spec, status, sw.FineTuningSweep.__doc__ or "")
+    columns = [
+        _column("Phase", ".status.phase", description="Summary of the conditions."),
+        _column("Trials", ".status.trialsDone", description="Ended trials / trials planned."),
+        _column("Best", ".status.bestObjectiveShown", description="Best objective so far."),
+        _column("Best Trial", ".status.bestTrial"),
+        _column("Age", ".metadata.creationTimestamp", "date"),
+        _column("Objective", ".spec.objective.metric", priority=1),
+        _column("Algorithm", ".spec.algorithm", priority=1),
+        _column("Model", ".status.bestModel", priority=1),
+    ]
+    return _crd(sw.KIND, sw.PLURAL, sw.SHORT_NAME, root, columns, ["kubetune"], status=True)
+
+
 # Where `python -m kubetune.api.crd` writes, relative to the repository root:
 # the plain manifests, and the Helm chart's copy (rendered by its templates).
 TARGETS = ("crds", "charts/kubetune/files/crds")
@@ -340,7 +358,7 @@ def rendered() -> dict[str, str]:
     """File name to YAML text for every CRD."""
     return {
         f"{c['metadata']['name']}.yaml": _dump(c)
-        for c in (finetuningjob_crd(), registeredmodel_crd())
+        for c in (finetuningjob_crd(), registeredmodel_crd(), finetuningsweep_crd())
     }
 
 

@@ -151,24 +151,6 @@ class Objective(ApiModel):
     direction: Direction = Field(description="minimize or maximize.")
 
 
-class EarlyStopping(ApiModel):
-    """Stop trials whose progress is worse than the median of the others' at the same step."""
-
-    enabled: bool = Field(default=True, description="Apply the median stopping rule.")
-    min_trials: int = Field(
-        default=3,
-        description="Compare only once this many other trials reported the step.",
-        ge=1,
-        le=1000,
-    )
-    min_steps: int = Field(
-        default=1,
-        description="Never stop a trial before it has done this many optimizer steps.",
-        ge=0,
-        le=10_000_000,
-    )
-
-
 class ModelPolicy(StrEnum):
     KEEP_ALL = "keepAll"  # every succeeded trial registers its model
     BEST_ONLY = "bestOnly"  # only the best trial registers one
@@ -198,9 +180,6 @@ class FineTuningSweepSpec(ApiModel):
         "and the search goes on until then).",
         ge=0,
         le=1000,
-    )
-    early_stopping: EarlyStopping | None = Field(
-        default=None, description="Stop bad trials early (median rule); off when left out."
     )
     model_policy: ModelPolicy = Field(
         default=ModelPolicy.BEST_ONLY,
@@ -248,7 +227,6 @@ class TrialRecord(ApiModel):
     )
     phase: str = Field(default="", description="The trial's phase.", max_length=32)
     objective: float | None = Field(default=None, description="The objective it reached.")
-    stopped_early: bool = Field(default=False, description="Stopped by the median rule.")
 
 
 class FineTuningSweepStatus(ApiModel):
@@ -272,6 +250,9 @@ class FineTuningSweepStatus(ApiModel):
     )
     best_trial: str | None = Field(default=None, description="The best trial's FineTuningJob.")
     best_objective: float | None = Field(default=None, description="Its objective.")
+    best_objective_shown: str = Field(
+        default="", description="The best objective, 4 significant digits.", max_length=32
+    )
     best_model: str | None = Field(default=None, description="Its RegisteredModel.")
     completion_time: datetime | None = Field(default=None, description="When the sweep ended.")
 

@@ -12,6 +12,7 @@ from kubetune.api import GROUP, VERSION, FineTuningJob
 
 JOBS = "finetuningjobs"
 MODELS = "registeredmodels"
+SWEEPS = "finetuningsweeps"
 TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
 JOB_NAME_LABEL = "kubetune.dev/job-name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -154,17 +155,22 @@ class Cluster:
 
     def watch_job(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The job now, then each change (a watch, resumed until `timeout` seconds pass)."""
+        return self._watch(JOBS, "FineTuningJob", name, timeout)
+
+    def _watch(
+        self, plural: str, kind: str, name: str, timeout: float | None
+    ) -> Iterator[dict[str, Any]]:
         from kubernetes import watch
 
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def list_fn(**kwargs: Any) -> Any:
             return self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, JOBS, **kwargs
+                GROUP, VERSION, self.namespace, plural, **kwargs
             )
 
         selector = f"metadata.name={name}"
-        what = f"FineTuningJob {name!r} in namespace {self.namespace}"
+        what = f"{kind} {name!r} in namespace {self.namespace}"
         listing = self._call(what, list_fn, field_selector=selector)
         if not listing["items"]:
             raise NotFound(f"{what} not found")
@@ -220,6 +226,47 @@ class Cluster:
             f"FineTuningJob {name}: timed out after {timeout}s (phase "
             f"{((last or {}).get('status') or {}).get('phase', 'unknown')})"
         )
+
+    # --- FineTuningSweeps -----------------------------------------------------------------
+
+    def create_sweep(self, sweep: dict[str, Any]) -> dict[str, Any]:
+        body = {**sweep, "metadata": {**sweep.get("metadata", {}), "namespace": self.namespace}}
+        body.pop("status", None)
+        name = body["metadata"].get("name", "?")
+        return self._call(
+            f"creating FineTuningSweep {name} in namespace {self.namespace}",
+            self.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            SWEEPS,
+            body,
+        )
+
+    def get_sweep(self, name: str) -> dict[str, Any]:
+        return self._call(
+            f"FineTuningSweep {name!r} in namespace {self.namespace}",
+            self.custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            SWEEPS,
+            name,
+        )
+
+    def list_sweeps(self) -> list[dict[str, Any]]:
+        return self._call(
+            f"listing FineTuningSweeps in namespace {self.namespace}",
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            SWEEPS,
+        )["items"]
+
+    def watch_sweep(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The sweep now, then each change of it (its trial table included)."""
+        return self._watch(SWEEPS, "FineTuningSweep", name, timeout)
 
     # --- pods and logs -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from kubetune.api.sweep import FineTuningSweep
 from kubetune.sdk.backends import ClusterBackend, LocalBackend
 from kubetune.sdk.cluster import NotFound, kubeconfig_available
 from kubetune.sdk.config import DatasetFormat, FineTuningConfig, new_job_id
@@ -196,6 +197,36 @@ class ModelFineTuner:
         model_id = await asyncio.to_thread(self.backend.register, job_id, result)
         result.fine_tuned_model_id = model_id
         return model_id
+
+    # --- sweeps (cluster backend) -----------------------------------------------------------
+
+    def _cluster(self):
+        if not isinstance(self.backend, ClusterBackend):
+            raise ValueError("sweeps run on a cluster: use backend='cluster'")
+        return self.backend.cluster
+
+    async def create_sweep(self, sweep: dict[str, Any]) -> str:
+        """Create a FineTuningSweep (a manifest as a dict); returns its name."""
+        FineTuningSweep.model_validate(sweep)  # refused here with the field named
+        created = await asyncio.to_thread(self._cluster().create_sweep, sweep)
+        return created["metadata"]["name"]
+
+    async def get_sweep(self, name: str) -> dict[str, Any]:
+        """The sweep as stored: its spec and status (trial table, best trial, phase)."""
+        return await asyncio.to_thread(self._cluster().get_sweep, name)
+
+    async def wait_for_sweep(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the sweep succeeded or failed (TimeoutError after `timeout`)."""
+
+        def wait() -> dict[str, Any]:
+            last = None
+            for obj in self._cluster().watch_sweep(name, timeout):
+                last = obj
+                if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    return obj
+            raise TimeoutError(f"FineTuningSweep {name}: not finished after {timeout}s ({last})")
+
+        return await asyncio.to_thread(wait)
 
 
 _default: ModelFineTuner | None = None

@@ -29,6 +29,7 @@ from urllib3.exceptions import HTTPError
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
 from kubetune.api import registeredmodel as rm
+from kubetune.api import sweep as sw
 from kubetune_operator import naming
 
 log = logging.getLogger("kubetune.operator")
@@ -95,19 +96,19 @@ def slim(obj: Obj) -> Obj:
 class Store:
     """Objects of one kind by (namespace, name), indexed by the job UID label."""
 
-    def __init__(self) -> None:
+    def __init__(self, index_label: str = naming.LABEL_JOB_UID) -> None:
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], Obj] = {}
         self._by_uid: dict[tuple[str, str], set[str]] = {}
+        self._index_label = index_label
 
     @staticmethod
     def _key(obj: Obj) -> tuple[str, str]:
         meta = obj["metadata"]
         return meta.get("namespace", ""), meta["name"]
 
-    @staticmethod
-    def _uid_of(obj: Obj) -> str | None:
-        return (obj["metadata"].get("labels") or {}).get(naming.LABEL_JOB_UID)
+    def _uid_of(self, obj: Obj) -> str | None:
+        return (obj["metadata"].get("labels") or {}).get(self._index_label)
 
     def _index(self, key: tuple[str, str], obj: Obj | None, add: bool) -> None:
         uid = self._uid_of(obj) if obj is not None else None
@@ -347,7 +348,9 @@ class Cache:
     and, from the informers above, the operator's children and the RegisteredModels."""
 
     def __init__(self, api: client.ApiClient, namespaces: list[str], on_change: OnChange) -> None:
-        self.finetuningjobs = Store()
+        # FineTuningJobs indexed by the sweep they are trials of; sweeps fed by kopf too.
+        self.finetuningjobs = Store(index_label=naming.LABEL_SWEEP_UID)
+        self.sweeps = Store()
         self.informers = {r.kind: Informer(api, r, namespaces, on_change) for r in WATCHED}
 
     def start(self) -> None:
@@ -364,6 +367,8 @@ class Cache:
     def store(self, kind: str) -> Store:
         if kind == ftj.KIND:
             return self.finetuningjobs
+        if kind == sw.KIND:
+            return self.sweeps
         return self.informers[kind].store
 
     def children(self, kind: str, namespace: str, uid: str) -> list[Obj]:

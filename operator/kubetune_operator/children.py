@@ -15,6 +15,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api import GROUP, VERSION
+from kubetune.api import finetuningjob as ftj
 from kubetune.api import registeredmodel as rm
 from kubetune_operator import conditions as c
 from kubetune_operator import naming
@@ -125,6 +126,20 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             clients,
             clients.custom.get_namespaced_custom_object(group, version, namespace, rm.PLURAL, name),
         )
+    if kind == ftj.KIND:  # a sweep's trial
+        group, version = obj["apiVersion"].split("/")
+
+        def create(ns: str, body: Obj, field_manager: str) -> Obj:
+            return clients.custom.create_namespaced_custom_object(
+                group, version, ns, ftj.PLURAL, body, field_manager=field_manager
+            )
+
+        def read(child: str, ns: str) -> Obj:
+            return clients.custom.get_namespaced_custom_object(
+                group, version, ns, ftj.PLURAL, child
+            )
+
+        return _create_owned(clients, obj, owner_uid, create, read)
     create, read = {
         "Job": (clients.batch.create_namespaced_job, clients.batch.read_namespaced_job),
         "Service": (
@@ -132,6 +147,11 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             clients.core.read_namespaced_service,
         ),
     }[kind]
+    return _create_owned(clients, obj, owner_uid, create, read)
+
+
+def _create_owned(clients: Clients, obj: Obj, owner_uid: str, create, read) -> Obj:
+    kind, namespace, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
         return _cached(
             clients, clients.plain(create(namespace, obj, field_manager=naming.FIELD_MANAGER))
@@ -143,12 +163,13 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
             raise
     existing = clients.plain(read(name, namespace))
     if not obs.controlled_by(existing, owner_uid):
+        owner = "FineTuningSweep" if kind == ftj.KIND else "FineTuningJob"
         # A stranger, or a child of an earlier job of the same name that garbage
         # collection has not removed yet: taking it over would mix two jobs.
         raise CreateBlocked(
             c.NAME_CONFLICT,
             f"{kind} {name} already exists and is controlled by {obs.controller_of(existing)}, "
-            "not by this FineTuningJob: kubetune does not adopt it, and creates its own once "
+            f"not by this {owner}: kubetune does not adopt it, and creates its own once "
             "the name is free (delete that object, or give the job another name)",
         )
     return _cached(clients, existing)
@@ -156,7 +177,7 @@ def create_child(clients: Clients, obj: Obj, owner_uid: str) -> Obj:
 
 def _cached(clients: Clients, obj: Obj) -> Obj:
     """Keep what a write answered: the next reconcile must not act on an older copy."""
-    if obj.get("kind") in ("Job", rm.KIND):
+    if obj.get("kind") in ("Job", rm.KIND, ftj.KIND):
         clients.cache.put(obj)
     return obj
 

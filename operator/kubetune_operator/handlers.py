@@ -23,6 +23,7 @@ from urllib3.exceptions import HTTPError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
+from kubetune.api import sweep as sw
 from kubetune.api.trainer import REPORT_PROGRESS_KEY
 from kubetune_operator import metrics, naming
 from kubetune_operator.cache import Cache, slim
@@ -31,6 +32,7 @@ from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
 from kubetune_operator.reports import ReportEndpoint, ReportStore, TokenReviewer, server_tls
 from kubetune_operator.reports import serve as serve_reports
 from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.sweeps import StaleSweep, reconcile_sweep
 from kubetune_operator.workqueue import CHANGED, NEW, Key, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
@@ -67,6 +69,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         )
         memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
+    # Sweeps have their own queue: a sweep's look never waits behind a thousand jobs.
+    memo.sweep_queue = WorkQueue()
+    memo.tasks.append(asyncio.create_task(memo.sweep_queue.run_timers()))
+    memo.tasks.append(
+        asyncio.create_task(_worker(memo, memo.sweep_queue, reconcile_sweep, StaleSweep))
+    )
     memo.report_server = None
     memo.report_pacer = ReportPacer(memo.queue, config.report_status_interval_seconds)
     if config.report_port:
@@ -128,8 +136,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _worker(memo: kopf.Memo) -> None:
-    queue: WorkQueue = memo.queue
+async def _worker(memo: kopf.Memo, queue=None, reconciler=None, stale=Stale) -> None:
+    queue: WorkQueue = queue or memo.queue
+    reconciler = reconciler or reconcile
     clients: Clients = memo.clients
     config: OperatorSettings = memo.config
     elector: LeaderElector | None = memo.elector
@@ -147,8 +156,8 @@ async def _worker(memo: kopf.Memo) -> None:
             queue.add(key)  # for whoever leads next here
             continue
         try:
-            again = await loop.run_in_executor(memo.executor, reconcile, clients, config, *key)
-        except Stale:
+            again = await loop.run_in_executor(memo.executor, reconciler, clients, config, *key)
+        except stale:
             queue.add(key)  # at once, from the fresh copy (runs after `done`)
         except Blocked as blocked:
             delay = queue.retry(key)
@@ -192,12 +201,17 @@ async def finetuningjob_changed(
         return
     if event.get("type") == "DELETED":
         cache.forget(ftj.KIND, namespace, name)
+        if (sweep := _sweep_of(dict(event["object"]))) is not None:
+            memo.sweep_queue.add((namespace, sweep))
         memo.reports.forget(namespace, name)
         memo.report_pacer.forget((namespace, name))
         metrics.forget(namespace, name)
         return
     body = slim(copy.deepcopy(dict(event["object"])))
     cache.put(body)
+    sweep = _sweep_of(body)
+    if sweep is not None:  # a trial: its sweep looks at every change, status included
+        memo.sweep_queue.add((namespace, sweep))
     # Our own status writes come back as events too: skip those. New objects,
     # the initial listing and spec changes (a new generation) need a look;
     # the periodic resync covers the rest (a label added later, say).
@@ -206,6 +220,33 @@ async def finetuningjob_changed(
     if event.get("type") == "MODIFIED" and generation == seen:
         return
     _enqueue(memo, (namespace, name), NEW)
+
+
+@kopf.on.event(GROUP, VERSION, sw.PLURAL)
+async def sweep_changed(event: dict, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    cache: Cache | None = getattr(memo, "cache", None)
+    if cache is None:
+        return
+    if event.get("type") == "DELETED":
+        cache.forget(sw.KIND, namespace, name)
+        return
+    body = slim(copy.deepcopy(dict(event["object"])))
+    cache.put(body)
+    generation = body.get("metadata", {}).get("generation")
+    seen = (body.get("status") or {}).get("observedGeneration")
+    if event.get("type") == "MODIFIED" and generation == seen:
+        return  # our own status write
+    memo.sweep_queue.add((namespace, name), NEW)
+
+
+def _sweep_of(trial: dict) -> str | None:
+    """The FineTuningSweep a FineTuningJob is a trial of (its controller), if any."""
+    if naming.LABEL_SWEEP_UID not in (trial["metadata"].get("labels") or {}):
+        return None
+    for ref in trial["metadata"].get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == sw.KIND:
+            return ref.get("name")
+    return None
 
 
 def _owner_of(kind: str, obj: dict) -> str | None:

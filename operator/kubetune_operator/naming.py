@@ -15,6 +15,10 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_UID = "kubetune.dev/job-uid"
 LABEL_JOB_NAME = "kubetune.dev/job-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# On a FineTuningSweep's trials (FineTuningJobs) and their RegisteredModels.
+LABEL_SWEEP_NAME = "kubetune.dev/sweep"
+LABEL_SWEEP_UID = "kubetune.dev/sweep-uid"
+LABEL_SWEEP_BEST = "kubetune.dev/sweep-best"  # "true" on the best trial's RegisteredModel
 
 ANNOTATION_SPEC_HASH = "kubetune.dev/spec-hash"
 # On multi-pod training Jobs and their pods: how many times all pods were restarted.
@@ -25,6 +29,10 @@ ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 ANNOTATION_OWNER = "kubetune.dev/finetuningjob"
 # On trainer pods: the trainer's configuration (JSON), projected as a file.
 ANNOTATION_TRAINER_CONFIG = "kubetune.dev/trainer-config"
+
+# On a sweep's trials: the trial's number and the values it tries (JSON).
+ANNOTATION_TRIAL_NUMBER = "kubetune.dev/trial-number"
+ANNOTATION_TRIAL_PARAMETERS = "kubetune.dev/trial-parameters"
 
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATOR = "dataset-validator"
@@ -52,6 +60,11 @@ def rendezvous_service_name(owner: str) -> str:
     must start with a letter; FineTuningJob names may not."""
     name = child_name(owner, "workers")
     return name if name[0].isalpha() else child_name(f"t{owner}"[:_MAX_NAME], "workers")
+
+
+def trial_name(sweep: str, number: int) -> str:
+    """Trial N of a sweep: the same name for the same number, always."""
+    return child_name(sweep, f"t{number}")
 
 
 def validate_job_name(owner: str) -> str:

@@ -38,6 +38,9 @@ ALLOWED = [
     ("watch", "finetuningjobs.kubetune.dev", None),
     ("get", "finetuningjobs.kubetune.dev", None),
     ("patch", "finetuningjobs.kubetune.dev", "status"),
+    ("create", "finetuningjobs.kubetune.dev", None),  # a sweep's trials
+    ("watch", "finetuningsweeps.kubetune.dev", None),
+    ("patch", "finetuningsweeps.kubetune.dev", "status"),
     ("create", "registeredmodels.kubetune.dev", None),
     ("get", "registeredmodels.kubetune.dev", None),
     ("watch", "registeredmodels.kubetune.dev", None),
@@ -55,6 +58,8 @@ DENIED = [
     ("patch", "finetuningjobs.kubetune.dev", None),
     ("update", "finetuningjobs.kubetune.dev", None),
     ("delete", "finetuningjobs.kubetune.dev", None),
+    ("patch", "finetuningsweeps.kubetune.dev", None),
+    ("delete", "finetuningsweeps.kubetune.dev", None),
     ("delete", "registeredmodels.kubetune.dev", None),
     ("patch", "registeredmodels.kubetune.dev", None),
     # No per-job objects any more: no ConfigMaps, identities or RBAC to create.

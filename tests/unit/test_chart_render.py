@@ -33,9 +33,15 @@ OPERATOR_RULES = [
     {
         "apiGroups": ["kubetune.dev"],
         "resources": ["finetuningjobs"],
-        "verbs": ["get", "list", "watch"],
+        "verbs": ["get", "list", "watch", "create"],
     },
     {"apiGroups": ["kubetune.dev"], "resources": ["finetuningjobs/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": ["kubetune.dev"],
+        "resources": ["finetuningsweeps"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": ["kubetune.dev"], "resources": ["finetuningsweeps/status"], "verbs": ["patch"]},
     {
         "apiGroups": ["kubetune.dev"],
         "resources": ["registeredmodels"],
@@ -220,6 +226,7 @@ def test_default_objects(render) -> None:
             ("ClusterRoleBinding", f"{FULLNAME}-kopf"),
             ("ClusterRoleBinding", f"{FULLNAME}-reports"),
             ("CustomResourceDefinition", "finetuningjobs.kubetune.dev"),
+            ("CustomResourceDefinition", "finetuningsweeps.kubetune.dev"),
             ("CustomResourceDefinition", "registeredmodels.kubetune.dev"),
             ("Deployment", FULLNAME),
             ("Role", f"{FULLNAME}-leader-election"),
@@ -418,7 +425,9 @@ FORBIDDEN = [
     ("", "secrets", None),
     ("", "namespaces", {"create", "delete", "patch", "update", "get"}),
     ("", "pods", {"create", "delete", "patch", "update"}),
-    ("kubetune.dev", "finetuningjobs", {"create", "delete", "patch", "update"}),
+    # Created as a sweep's trials; a user's jobs are never changed or deleted.
+    ("kubetune.dev", "finetuningjobs", {"delete", "patch", "update"}),
+    ("kubetune.dev", "finetuningsweeps", {"create", "delete", "patch", "update"}),
     ("kubetune.dev", "registeredmodels", {"delete", "patch", "update"}),
     ("rbac.authorization.k8s.io", "clusterroles", None),
     ("rbac.authorization.k8s.io", "clusterrolebindings", None),

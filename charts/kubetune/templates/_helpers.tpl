@@ -65,12 +65,20 @@ What the operator itself does with the API (kubetune_operator.reconcile and
 the kopf watches in kubetune_operator.handlers); nothing more.
 */}}
 {{- define "kubetune.operatorRules" -}}
-# FineTuningJobs: watched and read; only their status is ever written.
+# FineTuningJobs: watched and read; only their status is ever written. Created
+# as the trials of a FineTuningSweep, and never changed after.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningjobs"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningjobs/status"]
+  verbs: ["patch"]
+# FineTuningSweeps: watched and read; only their status is ever written.
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetuningsweeps"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["finetuningsweeps/status"]
   verbs: ["patch"]
 # RegisteredModels: watched (is a job's registration name free?) and created
 # once; never changed or deleted.
