@@ -151,6 +151,26 @@ class Objective(ApiModel):
     direction: Direction = Field(description="minimize or maximize.")
 
 
+class EarlyStopping(ApiModel):
+    """The median stopping rule: a running trial is stopped once its best validation loss
+    so far is worse than the median of the other trials' best validation loss by the same
+    step. It reads the trials' status.progress.evalLoss, so the template needs a
+    validation split (and hyperparameters.evalSteps for more than one look per epoch)."""
+
+    min_trials: int = Field(
+        default=2,
+        description="Compare only against at least this many other trials that reached the step.",
+        ge=1,
+        le=1000,
+    )
+    min_steps: int = Field(
+        default=1,
+        description="Never stop a trial before it has done this many optimizer steps.",
+        ge=0,
+        le=10_000_000,
+    )
+
+
 class ModelPolicy(StrEnum):
     KEEP_ALL = "keepAll"  # every succeeded trial registers its model
     BEST_ONLY = "bestOnly"  # only the best trial registers one
@@ -181,6 +201,9 @@ class FineTuningSweepSpec(ApiModel):
         ge=0,
         le=1000,
     )
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop bad trials early (median rule); off when left out."
+    )
     model_policy: ModelPolicy = Field(
         default=ModelPolicy.BEST_ONLY,
         description="bestOnly: only the best trial registers its model (the others' weights "
@@ -199,6 +222,13 @@ class FineTuningSweepSpec(ApiModel):
                     field_path=".parameters",
                 )
                 for section in OPTIONAL_SECTIONS
+            ),
+            cel(
+                "!has(self.earlyStopping) || !has(self.template.dataset.validationSplit) "
+                "|| self.template.dataset.validationSplit > 0.0",
+                "early stopping compares validation losses: the template needs a "
+                "dataset.validationSplit above 0",
+                field_path=".earlyStopping",
             ),
             cel(
                 "self.algorithm != 'grid' "
@@ -227,6 +257,12 @@ class TrialRecord(ApiModel):
     )
     phase: str = Field(default="", description="The trial's phase.", max_length=32)
     objective: float | None = Field(default=None, description="The objective it reached.")
+    stopped_early: bool = Field(default=False, description="Stopped by the median rule.")
+    history: list[list[float]] = Field(
+        default_factory=list,
+        description="[step, validation loss] pairs seen while it ran (for early stopping).",
+        max_length=200,
+    )
 
 
 class FineTuningSweepStatus(ApiModel):

@@ -33,6 +33,7 @@ ANNOTATION_TRAINER_CONFIG = "kubetune.dev/trainer-config"
 # On a sweep's trials: the trial's number and the values it tries (JSON).
 ANNOTATION_TRIAL_NUMBER = "kubetune.dev/trial-number"
 ANNOTATION_TRIAL_PARAMETERS = "kubetune.dev/trial-parameters"
+ANNOTATION_STOPPED_EARLY = "kubetune.dev/stopped-early"  # "true": cancelled by the median rule
 
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATOR = "dataset-validator"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ class Trial:
     parameters: dict[str, Any]
     phase: str = ""  # the FineTuningJob's phase; "" before it has one
     objective: float | None = None
+    stopped: bool = False  # by the median rule: neither a failure nor a result
+    history: tuple[tuple[int, float], ...] = ()  # (step, validation loss) seen while it ran
 
     @property
     def finished(self) -> bool:
@@ -51,6 +54,8 @@ class Trial:
 
     @property
     def failed(self) -> bool:
+        if self.stopped:
+            return False
         return self.phase in ("Failed", "Cancelled") or (
             self.phase == "Succeeded" and self.objective is None
         )
@@ -112,11 +117,41 @@ def suggest(spec: FineTuningSweepSpec, trials: Sequence[Trial], number: int) -> 
         if set(params) != set(space):
             continue  # tried before the search space changed: not comparable
         state, value = TrialState.RUNNING, None
-        if trial.finished:
+        if trial.stopped:
+            state = TrialState.PRUNED
+        elif trial.finished:
             state = TrialState.FAIL if trial.failed else TrialState.COMPLETE
             value = trial.objective if state == TrialState.COMPLETE else None
         study.add_trial(create_trial(params=params, distributions=space, state=state, value=value))
     return dict(study.ask(space).params)
+
+
+def should_stop(spec: FineTuningSweepSpec, trial: Trial, trials: Sequence[Trial]) -> bool:
+    """The median stopping rule: stop a running trial whose best validation loss so far is
+    worse than the median of the other trials' best by the same step, among those that
+    reached it. Optuna's MedianPruner compares values at exactly the same step; the
+    operator sees each trial's progress when its status changes (paced), so the steps of
+    two trials rarely coincide: here another trial's value by a step is its best at or
+    before it, which is what a validation loss evaluated every few steps means."""
+    rule = spec.early_stopping
+    if rule is None or trial.finished or trial.stopped or not trial.history:
+        return False
+    step = max(s for s, _ in trial.history)
+    if step < max(1, rule.min_steps):
+        return False
+    mine = min(v for _, v in trial.history)
+    peers = []
+    for other in trials:
+        if other.number == trial.number or other.stopped or not other.history:
+            continue
+        if max(s for s, _ in other.history) < step:
+            continue  # has not got this far
+        by_then = [v for s, v in other.history if s <= step]
+        if by_then:
+            peers.append(min(by_then))
+    if len(peers) < rule.min_trials:
+        return False
+    return mine > statistics.median(peers)
 
 
 def parameters_annotation(values: dict[str, Any]) -> str:

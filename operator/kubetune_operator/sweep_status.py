@@ -78,9 +78,19 @@ def desired_trial(body: Obj, spec: FineTuningSweepSpec, number: int, values: dic
     }
 
 
-def observed_trials(body: Obj, spec: FineTuningSweepSpec, children: list[Obj]) -> list[Trial]:
-    """The sweep's own trials (controller checked), as the search sees them."""
+HISTORY_MAX = 200
+
+
+def observed_trials(
+    body: Obj,
+    spec: FineTuningSweepSpec,
+    children: list[Obj],
+    previous: FineTuningSweepStatus | None = None,
+) -> list[Trial]:
+    """The sweep's own trials (controller checked), as the search sees them; each with
+    the validation losses seen so far (kept in the sweep's status between looks)."""
     uid = body["metadata"]["uid"]
+    seen = {r.number: r.history for r in (previous.trials if previous else [])}
     trials = []
     for child in children:
         if not obs.controlled_by(child, uid):
@@ -92,12 +102,18 @@ def observed_trials(body: Obj, spec: FineTuningSweepSpec, children: list[Obj]) -
             continue
         status = child.get("status") or {}
         objective = (status.get("metrics") or {}).get(spec.objective.metric)
+        history = {int(step): float(value) for step, value in seen.get(number, [])}
+        progress = status.get("progress") or {}
+        if progress.get("evalLoss") is not None and progress.get("step"):
+            history[int(progress["step"])] = float(progress["evalLoss"])
         trials.append(
             Trial(
                 number=number,
                 parameters=parse_parameters(annotations.get(naming.ANNOTATION_TRIAL_PARAMETERS)),
                 phase=status.get("phase") or "",
                 objective=float(objective) if objective is not None else None,
+                stopped=annotations.get(naming.ANNOTATION_STOPPED_EARLY) == "true",
+                history=tuple(sorted(history.items()))[-HISTORY_MAX:],
             )
         )
     return sorted(trials, key=lambda t: t.number)
@@ -124,6 +140,8 @@ def derive_sweep_status(
             parameters={k: str(v) for k, v in sorted(t.parameters.items())},
             phase=t.phase or "Pending",
             objective=t.objective,
+            stopped_early=t.stopped,
+            history=[[step, value] for step, value in t.history],
         )
         for t in trials
     ]
@@ -135,6 +153,7 @@ def derive_sweep_status(
     status.best_objective_shown = f"{best.objective:.4g}" if best else ""
     status.best_model = best_model
     failures = sum(1 for t in trials if t.finished and t.failed)
+    stopped = sum(1 for t in trials if t.stopped)
     if plan.failed:
         conds.set(
             FAILED,
@@ -146,7 +165,9 @@ def derive_sweep_status(
     else:
         conds.set(FAILED, False, WITHIN_BUDGET, f"{failures} failed trials so far")
     if plan.done:
-        conds.set(COMPLETE, True, ALL_TRIALS_ENDED, f"{ended} trials ended")
+        conds.set(
+            COMPLETE, True, ALL_TRIALS_ENDED, f"{ended} trials ended ({stopped} stopped early)"
+        )
         status.completion_time = status.completion_time or now
         status.phase = SweepPhase.FAILED if plan.failed or best is None else SweepPhase.SUCCEEDED
         if best is None and not plan.failed:

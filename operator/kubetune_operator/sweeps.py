@@ -10,6 +10,7 @@ controls it), and status is written only when it changed.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -29,7 +30,7 @@ from kubetune_operator.children import (
     utcnow,
 )
 from kubetune_operator.observed import Obj
-from kubetune_operator.search import plan_search
+from kubetune_operator.search import Trial, plan_search, should_stop
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.sweep_status import (
     derive_sweep_status,
@@ -63,7 +64,8 @@ def reconcile_sweep(
         return None
     uid = body["metadata"]["uid"]
     children = cache.children(ftj.KIND, namespace, uid)
-    trials = observed_trials(body, spec, children)
+    trials = observed_trials(body, spec, children, previous)
+    trials = [_stop_if_behind(clients, body, spec, t, trials) for t in trials]
     plan = plan_search(spec, trials)
     for number, values in plan.create:
         trial = desired_trial(body, spec, number, values)
@@ -86,6 +88,44 @@ def reconcile_sweep(
         )
     _write_status(clients, body, previous, status)
     return None if status.phase != sw.SweepPhase.RUNNING else RESYNC_SECONDS
+
+
+def _stop_if_behind(clients: Clients, body: Obj, spec, trial: Trial, trials) -> Trial:
+    """Cancel a trial the median rule stops (it is the sweep's own: the operator never
+    changes a spec it did not write), marking it so that it counts as stopped, not failed."""
+    if not should_stop(spec, trial, trials):
+        return trial
+    meta = body["metadata"]
+    name = naming.trial_name(meta["name"], trial.number)
+    patch = {
+        "metadata": {"annotations": {naming.ANNOTATION_STOPPED_EARLY: "true"}},
+        "spec": {"cancel": True},
+    }
+    try:
+        updated = clients.custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            ftj.PLURAL,
+            name,
+            patch,
+            field_manager=naming.FIELD_MANAGER,
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return trial
+        raise
+    clients.cache.put(updated)
+    best = min(v for _, v in trial.history)
+    post_event(
+        clients,
+        body,
+        "Normal",
+        "TrialStoppedEarly",
+        f"{name} stopped at step {max(s for s, _ in trial.history)}: its best validation loss "
+        f"{best:.4g} is worse than the median of the other trials by then",
+    )
+    return replace(trial, stopped=True)
 
 
 def _register_kept_models(clients, body, spec, plan, trials, children) -> str | None:

@@ -39,6 +39,7 @@ ALLOWED = [
     ("get", "finetuningjobs.kubetune.dev", None),
     ("patch", "finetuningjobs.kubetune.dev", "status"),
     ("create", "finetuningjobs.kubetune.dev", None),  # a sweep's trials
+    ("patch", "finetuningjobs.kubetune.dev", None),  # ... cancelled by the median rule
     ("watch", "finetuningsweeps.kubetune.dev", None),
     ("patch", "finetuningsweeps.kubetune.dev", "status"),
     ("create", "registeredmodels.kubetune.dev", None),
@@ -55,7 +56,6 @@ DENIED = [
     ("create", "pods", None),
     ("delete", "pods", None),
     ("delete", "services", None),
-    ("patch", "finetuningjobs.kubetune.dev", None),
     ("update", "finetuningjobs.kubetune.dev", None),
     ("delete", "finetuningjobs.kubetune.dev", None),
     ("patch", "finetuningsweeps.kubetune.dev", None),

@@ -33,7 +33,7 @@ OPERATOR_RULES = [
     {
         "apiGroups": ["kubetune.dev"],
         "resources": ["finetuningjobs"],
-        "verbs": ["get", "list", "watch", "create"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": ["kubetune.dev"], "resources": ["finetuningjobs/status"], "verbs": ["patch"]},
     {
@@ -425,8 +425,8 @@ FORBIDDEN = [
     ("", "secrets", None),
     ("", "namespaces", {"create", "delete", "patch", "update", "get"}),
     ("", "pods", {"create", "delete", "patch", "update"}),
-    # Created as a sweep's trials; a user's jobs are never changed or deleted.
-    ("kubetune.dev", "finetuningjobs", {"delete", "patch", "update"}),
+    # Created (and cancelled) as a sweep's trials; never replaced or deleted.
+    ("kubetune.dev", "finetuningjobs", {"delete", "update"}),
     ("kubetune.dev", "finetuningsweeps", {"create", "delete", "patch", "update"}),
     ("kubetune.dev", "registeredmodels", {"delete", "patch", "update"}),
     ("rbac.authorization.k8s.io", "clusterroles", None),

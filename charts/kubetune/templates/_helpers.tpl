@@ -65,11 +65,12 @@ What the operator itself does with the API (kubetune_operator.reconcile and
 the kopf watches in kubetune_operator.handlers); nothing more.
 */}}
 {{- define "kubetune.operatorRules" -}}
-# FineTuningJobs: watched and read; only their status is ever written. Created
-# as the trials of a FineTuningSweep, and never changed after.
+# FineTuningJobs: watched and read; only their status is ever written, except
+# for a FineTuningSweep's trials, which the operator creates and cancels
+# (spec.cancel, when the median stopping rule stops one).
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningjobs"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningjobs/status"]
   verbs: ["patch"]

@@ -13,6 +13,7 @@ from kubetune_operator.search import (
     parameters_annotation,
     parse_parameters,
     plan_search,
+    should_stop,
     suggest,
     total_trials,
     trial_spec,
@@ -185,3 +186,67 @@ def test_recorded_parameters_round_trip_and_garbage_reads_as_none() -> None:
     values = {"lora.rank": 8, "hyperparameters.learningRate": 1e-4}
     assert parse_parameters(parameters_annotation(values)) == values
     assert parse_parameters("not json") == {} and parse_parameters('"x"') == {}
+
+
+def stopping(**rule) -> FineTuningSweepSpec:
+    return sweep(earlyStopping={"minTrials": 2, "minSteps": 4, **rule}, maxTrials=6)
+
+
+def test_the_median_rule_stops_a_trial_worse_than_the_others_by_the_same_step() -> None:
+    spec = stopping()
+    good = Trial(0, {}, "Succeeded", 1.0, history=((2, 2.0), (4, 1.5), (8, 1.0)))
+    fair = Trial(1, {}, "Running", history=((3, 2.2), (6, 1.8)))
+    bad = Trial(2, {}, "Running", history=((2, 3.0), (5, 2.9)))
+    trials = [good, fair, bad]
+    # By step 5: good's best is 1.5 (step 4), fair's 2.2 (step 3); median 1.85 < 2.9.
+    assert should_stop(spec, bad, trials)
+    assert not should_stop(spec, fair, trials)  # only one other trial got to step 6
+    # Too early (minSteps), too few peers, rule off, or already ended: never.
+    early = Trial(2, {}, "Running", history=((3, 9.0),))
+    assert not should_stop(spec, early, trials)
+    assert not should_stop(stopping(minTrials=3), bad, trials)
+    assert not should_stop(sweep(), bad, trials)
+    assert not should_stop(spec, Trial(2, {}, "Succeeded", 2.9, history=bad.history), trials)
+
+
+def test_peers_that_have_not_reached_the_step_do_not_count() -> None:
+    spec = stopping()
+    slow = Trial(0, {}, "Running", history=((2, 1.0),))
+    other = Trial(1, {}, "Running", history=((2, 1.1), (10, 0.9)))
+    bad = Trial(2, {}, "Running", history=((6, 5.0),))
+    assert not should_stop(spec, bad, [slow, other, bad])  # only one peer got to step 6
+
+
+def test_a_stopped_trial_is_neither_a_failure_nor_a_result() -> None:
+    spec = sweep(maxFailedTrials=0, parallelism=3)
+    trials = [
+        Trial(0, {}, "Succeeded", 1.0),
+        Trial(1, {}, "Cancelled", None, stopped=True),
+        Trial(2, {}, "Cancelled", None),  # cancelled by a person: a failure
+    ]
+    assert not trials[1].failed and trials[2].failed
+    plan = plan_search(spec, trials)
+    assert plan.failed  # the one real failure spends a budget of 0
+    assert plan_search(sweep(maxFailedTrials=1, parallelism=3), trials).create  # goes on
+    # The rebuilt study sees it as pruned (values still suggested for the next number).
+    values = suggest(
+        sweep(algorithm="bayesian"),
+        [
+            Trial(
+                0,
+                {
+                    "hyperparameters.learningRate": 1e-3,
+                    "lora.rank": 8,
+                    "hyperparameters.lrScheduler": "linear",
+                },
+                "Cancelled",
+                stopped=True,
+            )
+        ],
+        1,
+    )
+    assert set(values) == {
+        "hyperparameters.learningRate",
+        "lora.rank",
+        "hyperparameters.lrScheduler",
+    }

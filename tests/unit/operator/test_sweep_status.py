@@ -143,3 +143,21 @@ def test_a_trials_model_comes_from_its_status() -> None:
     assert model["spec"]["sourceJob"]["uid"] == "uid-lr-t0"
     assert model["spec"]["metrics"] == {"eval_loss": 0.9}
     assert trial_model({**trial, "status": {"phase": "Succeeded"}}, True, "lr", NOW) is None
+
+
+def test_validation_losses_seen_accumulate_in_the_status() -> None:
+    s = spec(earlyStopping={"minTrials": 1})
+    trial = as_observed(
+        desired_trial(SWEEP, s, 0, {"hyperparameters.learningRate": 1e-3}), "Running"
+    )
+    trial["status"]["progress"] = {"step": 4, "evalLoss": 2.5}
+    first = observed_trials(SWEEP, s, [trial])
+    status = derive_sweep_status(
+        SWEEP, s, FineTuningSweepStatus(), first, plan_search(s, first), None, NOW
+    )
+    assert status.trials[0].history == [[4, 2.5]]
+    trial["status"]["progress"] = {"step": 8, "evalLoss": 2.0}
+    second = observed_trials(SWEEP, s, [trial], status)
+    assert second[0].history == ((4, 2.5), (8, 2.0))
+    trial["metadata"]["annotations"][naming.ANNOTATION_STOPPED_EARLY] = "true"
+    assert observed_trials(SWEEP, s, [trial], status)[0].stopped
