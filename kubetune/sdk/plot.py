@@ -27,12 +27,7 @@ def load_history(source: Path) -> tuple[list[tuple[int, float]], list[tuple[int,
     return train, evaluation
 
 
-def plot_loss(
-    train: Sequence[tuple[int, float]],
-    evaluation: Sequence[tuple[int, float]],
-    output: Path,
-    title: str,
-) -> None:
+def _pyplot():
     try:
         import matplotlib
 
@@ -42,6 +37,16 @@ def plot_loss(
         raise NoHistory(
             f"plotting needs matplotlib: pip install 'kubetune[plot]' ({err})"
         ) from None
+    return pyplot
+
+
+def plot_loss(
+    train: Sequence[tuple[int, float]],
+    evaluation: Sequence[tuple[int, float]],
+    output: Path,
+    title: str,
+) -> None:
+    pyplot = _pyplot()
     figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
     axes.plot([s for s, _ in train], [v for _, v in train], label="train loss")
     if evaluation:
@@ -62,15 +67,7 @@ def plot_loss(
 def plot_sweep(sweep: dict, output: Path) -> None:
     """A FineTuningSweep's objective against the trial number and against each searched
     parameter, one panel each; the best trial is marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-    except ImportError as err:
-        raise NoHistory(
-            f"plotting needs matplotlib: pip install 'kubetune[plot]' ({err})"
-        ) from None
+    pyplot = _pyplot()
     spec, status = sweep.get("spec") or {}, sweep.get("status") or {}
     metric = (spec.get("objective") or {}).get("metric", "objective")
     trials = [t for t in status.get("trials") or [] if t.get("objective") is not None]

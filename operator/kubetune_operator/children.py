@@ -78,6 +78,42 @@ def delete_job(clients: Clients, name: str, namespace: str, propagation: str) ->
         clients.cache.forget("Job", namespace, name)
 
 
+class Stale(Exception):
+    """The cached object was older than the server's: reconcile again from a fresh copy."""
+
+
+def write_status(clients: Clients, plural: str, body: Obj, status: dict) -> Obj | None:
+    """Replace the object's status; None if the object is gone.
+
+    Full status with nulls: a JSON merge patch then also clears what is gone. The
+    resourceVersion makes it conditional: derived from a copy that is no longer
+    current (the cache lags a user's edit, say), it is refused (Stale) rather than
+    applied, and the cache gets the fresh copy."""
+    meta = body["metadata"]
+    patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+    try:
+        updated = clients.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            patch,
+            field_manager=naming.FIELD_MANAGER,
+        )
+    except ApiException as err:
+        if err.status == 409:
+            fresh = get_custom(clients, meta["namespace"], plural, meta["name"])
+            if fresh is not None:
+                clients.cache.put(fresh)
+            raise Stale(f"{meta['name']} changed since it was read") from err
+        if err.status == 404:
+            return None
+        raise
+    clients.cache.put(updated)
+    return updated
+
+
 class CreateBlocked(Exception):
     """A child cannot be created until someone acts: its name is held by an object this
     job does not control, or the API server refused it (quota, admission policy)."""

@@ -32,7 +32,7 @@ from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
 from kubetune_operator.reports import ReportEndpoint, ReportStore, TokenReviewer, server_tls
 from kubetune_operator.reports import serve as serve_reports
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.sweeps import StaleSweep, reconcile_sweep
+from kubetune_operator.sweeps import reconcile_sweep
 from kubetune_operator.workqueue import CHANGED, NEW, Key, WorkQueue
 
 log = logging.getLogger("kubetune.operator")
@@ -72,9 +72,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # Sweeps have their own queue: a sweep's look never waits behind a thousand jobs.
     memo.sweep_queue = WorkQueue()
     memo.tasks.append(asyncio.create_task(memo.sweep_queue.run_timers()))
-    memo.tasks.append(
-        asyncio.create_task(_worker(memo, memo.sweep_queue, reconcile_sweep, StaleSweep))
-    )
+    memo.tasks.append(asyncio.create_task(_worker(memo, memo.sweep_queue, reconcile_sweep)))
     memo.report_server = None
     memo.report_pacer = ReportPacer(memo.queue, config.report_status_interval_seconds)
     if config.report_port:
@@ -136,7 +134,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         memo.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _worker(memo: kopf.Memo, queue=None, reconciler=None, stale=Stale) -> None:
+async def _worker(memo: kopf.Memo, queue=None, reconciler=None) -> None:
     queue: WorkQueue = queue or memo.queue
     reconciler = reconciler or reconcile
     clients: Clients = memo.clients
@@ -157,7 +155,7 @@ async def _worker(memo: kopf.Memo, queue=None, reconciler=None, stale=Stale) -> 
             continue
         try:
             again = await loop.run_in_executor(memo.executor, reconciler, clients, config, *key)
-        except stale:
+        except Stale:
             queue.add(key)  # at once, from the fresh copy (runs after `done`)
         except Blocked as blocked:
             delay = queue.retry(key)

@@ -13,10 +13,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
 from kubetune.api import registeredmodel as rm
 from kubetune.api.finetuningjob import (
@@ -33,11 +31,12 @@ from kubetune_operator.children import (
     Blocked,
     Clients,
     CreateBlocked,
+    Stale,
     create_child,
     delete_job,
-    get_custom,
     post_event,
     utcnow,
+    write_status,
 )
 from kubetune_operator.observed import Obj, Observed
 from kubetune_operator.plan import Plan, plan
@@ -48,11 +47,6 @@ from kubetune_operator.status import derive_status, is_terminal, next_check_in, 
 log = logging.getLogger("kubetune.operator")
 
 __all__ = ["Blocked", "Clients", "Stale", "reconcile"]
-
-
-class Stale(Exception):
-    """The cached FineTuningJob was older than the server's: reconcile again from a
-    fresh copy."""
 
 
 def observe(
@@ -261,32 +255,10 @@ def _write_status(
     if status.to_api() == previous.to_api():
         return
     meta = body["metadata"]
-    # Full status with nulls: a JSON merge patch then also clears what is gone. The
-    # resourceVersion makes it conditional: derived from a copy that is no longer
-    # current (the cache lags a user's edit, say), it is refused rather than applied.
-    patch = {
-        "metadata": {"resourceVersion": meta["resourceVersion"]},
-        "status": status.model_dump(mode="json", by_alias=True),
-    }
-    try:
-        updated = clients.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            ftj.PLURAL,
-            meta["name"],
-            patch,
-            field_manager=naming.FIELD_MANAGER,
-        )
-    except ApiException as err:
-        if err.status == 409:
-            fresh = get_custom(clients, meta["namespace"], ftj.PLURAL, meta["name"])
-            if fresh is not None:
-                clients.cache.put(fresh)
-            raise Stale(f"{meta['name']} changed since it was read") from err
-        if err.status == 404:
-            return
-        raise
-    clients.cache.put(updated)
+    if (
+        write_status(clients, ftj.PLURAL, body, status.model_dump(mode="json", by_alias=True))
+        is None
+    ):
+        return
     _events(clients, body, previous, status)
     log.info("%s/%s: %s", meta["namespace"], meta["name"], status.phase.value)

@@ -25,9 +25,9 @@ from kubetune_operator.children import (
     Clients,
     CreateBlocked,
     create_child,
-    get_custom,
     post_event,
     utcnow,
+    write_status,
 )
 from kubetune_operator.observed import Obj
 from kubetune_operator.search import Trial, plan_search, should_stop
@@ -43,10 +43,6 @@ from kubetune_operator.sweep_status import (
 log = logging.getLogger("kubetune.operator")
 
 RESYNC_SECONDS = 60.0
-
-
-class StaleSweep(Exception):
-    """The cached sweep was older than the server's: look again from a fresh copy."""
 
 
 def reconcile_sweep(
@@ -153,30 +149,5 @@ def _register_kept_models(clients, body, spec, plan, trials, children) -> str | 
 def _write_status(
     clients: Clients, body: Obj, previous: FineTuningSweepStatus, status: FineTuningSweepStatus
 ) -> None:
-    if status.to_api() == previous.to_api():
-        return
-    meta = body["metadata"]
-    patch = {
-        "metadata": {"resourceVersion": meta["resourceVersion"]},
-        "status": status.model_dump(mode="json", by_alias=True),
-    }
-    try:
-        updated = clients.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            sw.PLURAL,
-            meta["name"],
-            patch,
-            field_manager=naming.FIELD_MANAGER,
-        )
-    except ApiException as err:
-        if err.status == 409:
-            fresh = get_custom(clients, meta["namespace"], sw.PLURAL, meta["name"])
-            if fresh is not None:
-                clients.cache.put(fresh)
-            raise StaleSweep(f"{meta['name']} changed since it was read") from err
-        if err.status == 404:
-            return
-        raise
-    clients.cache.put(updated)
+    if status.to_api() != previous.to_api():
+        write_status(clients, sw.PLURAL, body, status.model_dump(mode="json", by_alias=True))

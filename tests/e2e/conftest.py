@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from kubetune.dev.cluster import LocalCluster
 from kubetune.dev.processes import OperatorProcess, start_node_agent
+from kubetune.dev.volumes import bound_claim
 from tests.support.kube import Kube, wait_node_ready
 from tests.unit.trainer.conftest import _cached_model
 
@@ -74,3 +77,13 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         REPO / "examples" / "local" / "data" / "train.jsonl", root / "datasets" / "train.jsonl"
     )
     return root
+
+
+@pytest.fixture
+def ns(kube: Kube, data_root: Path) -> str:
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    for claim in ("models", "datasets"):
+        bound_claim(kube.core, name, claim, data_root / claim, size="1Gi")
+    yield name
+    kube.core.delete_namespace(name)

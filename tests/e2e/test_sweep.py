@@ -6,33 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
-from kubernetes import client, watch
+from kubernetes import watch
 
 from kubetune.api import GROUP, VERSION
 from kubetune.cli import main as cli_main
 from kubetune.dev.cluster import LocalCluster
-from kubetune.dev.volumes import bound_claim
 from kubetune.fine_tuning import ModelFineTuner
 from tests.e2e.test_training import manifest
 from tests.support import finetuning as ft
 from tests.support.kube import Kube
 
 TIMEOUT = 420
-
-
-@pytest.fixture
-def ns(kube: Kube, data_root: Path) -> str:
-    name = f"sweep-{uuid.uuid4().hex[:6]}"
-    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    for claim in ("models", "datasets"):
-        bound_claim(kube.core, name, claim, data_root / claim, size="1Gi")
-    yield name
-    kube.core.delete_namespace(name)
 
 
 def running_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: list[int]) -> None:

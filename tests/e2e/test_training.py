@@ -7,29 +7,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.cluster import LocalCluster
-from kubetune.dev.volumes import bound_claim
 from tests.support import finetuning as ft
 from tests.support.kube import Kube, wait_for, wait_gone
 
 TIMEOUT = 180
-
-
-@pytest.fixture
-def ns(kube: Kube, data_root: Path) -> str:
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    for claim in ("models", "datasets"):
-        bound_claim(kube.core, name, claim, data_root / claim, size="1Gi")
-    yield name
-    kube.core.delete_namespace(name)
 
 
 def manifest(name: str, method: str, **spec) -> dict:
