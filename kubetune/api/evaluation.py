@@ -198,12 +198,13 @@ def flat_metrics(result: EvaluationResult) -> dict[str, float]:
     return flat
 
 
+def shown(value: float | None) -> str:
+    """A metric's value as the summary, the CLI table and the model card print it."""
+    return "-" if value is None else f"{value:.4g}"
+
+
 def summary(result: EvaluationResult) -> str:
     """'contains 0.05 -> 0.85, rouge_l 0.12 -> 0.71 on 16 examples'."""
-
-    def shown(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4g}"
-
     parts = [
         f"{name} {shown(value.base)} -> {shown(value.tuned)}"
         if value.base is not None

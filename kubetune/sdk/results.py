@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from kubetune.api.evaluation import EvaluationResult
+from kubetune.api.evaluation import EvaluationResult, shown
 
 Status = Literal["created", "running", "completed", "failed", "cancelled"]
 TERMINAL: tuple[str, ...] = ("completed", "failed", "cancelled")
@@ -72,9 +72,6 @@ def evaluation_table(evaluation: EvaluationResult | None) -> str:
         return ""
     if evaluation.error:
         return f"evaluation failed: {evaluation.error}"
-
-    def shown(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4g}"
 
     width = max([len("metric"), *(len(name) for name in evaluation.metrics)])
     lines = [f"{'metric':<{width}}  {'base':>8}  {'tuned':>8}  {'change':>8}"]

@@ -205,19 +205,12 @@ async def finetuningjob_changed(
         memo.report_pacer.forget((namespace, name))
         metrics.forget(namespace, name)
         return
-    body = slim(copy.deepcopy(dict(event["object"])))
-    cache.put(body)
+    body = _cached(cache, event)
     sweep = _sweep_of(body)
     if sweep is not None:  # a trial: its sweep looks at every change, status included
         memo.sweep_queue.add((namespace, sweep))
-    # Our own status writes come back as events too: skip those. New objects,
-    # the initial listing and spec changes (a new generation) need a look;
-    # the periodic resync covers the rest (a label added later, say).
-    generation = body.get("metadata", {}).get("generation")
-    seen = (body.get("status") or {}).get("observedGeneration")
-    if event.get("type") == "MODIFIED" and generation == seen:
-        return
-    _enqueue(memo, (namespace, name), NEW)
+    if not _own_status_write(event, body):
+        _enqueue(memo, (namespace, name), NEW)
 
 
 @kopf.on.event(GROUP, VERSION, sw.PLURAL)
@@ -228,13 +221,24 @@ async def sweep_changed(event: dict, name: str, namespace: str, memo: kopf.Memo,
     if event.get("type") == "DELETED":
         cache.forget(sw.KIND, namespace, name)
         return
+    if not _own_status_write(event, _cached(cache, event)):
+        memo.sweep_queue.add((namespace, name), NEW)
+
+
+def _cached(cache: Cache, event: dict) -> dict:
+    """The event's object, slimmed, into the cache (a copy: kopf keeps its own)."""
     body = slim(copy.deepcopy(dict(event["object"])))
     cache.put(body)
+    return body
+
+
+def _own_status_write(event: dict, body: dict) -> bool:
+    """Our own status writes come back as events too: those need no look. New objects,
+    the initial listing and spec changes (a new generation) do; the periodic resync
+    covers the rest (a label added later, say)."""
     generation = body.get("metadata", {}).get("generation")
     seen = (body.get("status") or {}).get("observedGeneration")
-    if event.get("type") == "MODIFIED" and generation == seen:
-        return  # our own status write
-    memo.sweep_queue.add((namespace, name), NEW)
+    return event.get("type") == "MODIFIED" and generation == seen
 
 
 def _sweep_of(trial: dict) -> str | None:

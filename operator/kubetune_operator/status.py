@@ -48,7 +48,7 @@ def format_number(value: float | None) -> str:
 
 
 def format_rate(value: float | None) -> str:
-    """1234.5 -> '1.23k', 987.6 -> '988', 2.5e6 -> '2.50M'."""
+    """1234.5 -> '1.23k', 987.6 -> '988', 2.5e6 -> '2.5M'."""
     if value is None:
         return ""
     for limit, suffix in ((1e6, "M"), (1e3, "k")):

@@ -36,6 +36,7 @@ from kubetune_operator.search import (
     trial_spec,
 )
 from kubetune_operator.search import total_trials as planned_trials
+from kubetune_operator.status import format_number
 
 # Condition types of a sweep.
 COMPLETE = "Complete"  # every trial ended (True) or not yet (False)
@@ -150,7 +151,7 @@ def derive_sweep_status(
     best = plan.best
     status.best_trial = naming.trial_name(meta["name"], best.number) if best else None
     status.best_objective = best.objective if best else None
-    status.best_objective_shown = f"{best.objective:.4g}" if best else ""
+    status.best_objective_shown = format_number(best.objective) if best else ""
     status.best_model = best_model
     failures = sum(1 for t in trials if t.finished and t.failed)
     stopped = sum(1 for t in trials if t.stopped)

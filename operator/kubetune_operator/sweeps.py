@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
+from kubetune.api import registeredmodel as rm
 from kubetune.api import sweep as sw
 from kubetune.api.sweep import FineTuningSweepSpec, FineTuningSweepStatus
 from kubetune_operator import naming
@@ -139,7 +140,11 @@ def _register_kept_models(clients, body, spec, plan, trials, children) -> str | 
         model = trial_model(trial, best, sweep_name, utcnow())
         if model is None:
             continue
-        existing = create_child(clients, model, trial["metadata"]["uid"])
+        # Registered by an earlier look: the watch cache has it, no request needed.
+        meta = model["metadata"]
+        existing = clients.cache.get(rm.KIND, meta["namespace"], meta["name"])
+        if existing is None:
+            existing = create_child(clients, model, trial["metadata"]["uid"])
         recorded_uid = ((existing.get("spec") or {}).get("sourceJob") or {}).get("uid")
         if best and recorded_uid == trial["metadata"]["uid"]:
             best_name = existing["metadata"]["name"]

@@ -45,14 +45,7 @@ def test_lora_on_smollm2_beats_the_base_model_on_held_out_questions(
     try:
         ft.create(kube, namespace, job)
         name = job["metadata"]["name"]
-        done = ft.wait_status(
-            kube,
-            namespace,
-            name,
-            lambda s: s.get("phase") in ("Succeeded", "Failed"),
-            describe="finished",
-            timeout=TIMEOUT,
-        )["status"]
+        done = ft.wait_finished(kube, namespace, name, timeout=TIMEOUT)
         assert done["phase"] == "Succeeded", done.get("failure")
         contains = done["evaluation"]["metrics"]["contains"]
         rouge = done["evaluation"]["metrics"]["rouge_l"]

@@ -75,14 +75,7 @@ def test_each_method_trains_registers_and_generates(
         timeout=TIMEOUT,
     )
     assert seen["status"]["progress"]["totalSteps"] == 12
-    done = ft.wait_status(
-        kube,
-        ns,
-        name,
-        lambda s: s.get("phase") in ("Succeeded", "Failed"),
-        describe="finished",
-        timeout=TIMEOUT,
-    )["status"]
+    done = ft.wait_finished(kube, ns, name, timeout=TIMEOUT)
     assert done["phase"] == "Succeeded", done.get("failure")
     assert done["progress"]["steps"] == "12/12"
     assert ft.condition(done, "DatasetValidated")["reason"] == "DatasetValid"
@@ -138,14 +131,7 @@ def test_two_pods_of_two_processes_train_one_model(
     )
     body["spec"]["hyperparameters"]["batchSize"] = 2
     kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
-    done = ft.wait_status(
-        kube,
-        ns,
-        "pair",
-        lambda s: s.get("phase") in ("Succeeded", "Failed"),
-        describe="finished",
-        timeout=TIMEOUT,
-    )["status"]
+    done = ft.wait_finished(kube, ns, "pair", timeout=TIMEOUT)
     assert done["phase"] == "Succeeded", done.get("failure")
     assert done["worldSize"] == 4
     used = done["hyperparameters"]
@@ -238,14 +224,7 @@ def test_evaluation_through_the_operator_sdk_and_cli(
     }
     body = manifest("evaluated", "LORA", evaluation=evaluation)
     kubectl(e2e_cluster, "apply", "-n", ns, "-f", "-", input=json.dumps(body))
-    done = ft.wait_status(
-        kube,
-        ns,
-        "evaluated",
-        lambda s: s.get("phase") in ("Succeeded", "Failed"),
-        describe="finished",
-        timeout=TIMEOUT,
-    )["status"]
+    done = ft.wait_finished(kube, ns, "evaluated", timeout=TIMEOUT)
     assert done["phase"] == "Succeeded", done.get("failure")
     evaluated = ft.condition(done, "Evaluated")
     assert (evaluated["status"], evaluated["reason"]) == ("True", "EvaluationComplete")

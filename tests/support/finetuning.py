@@ -181,6 +181,20 @@ def wait_status(
     )
 
 
+def wait_finished(
+    kube: Kube, namespace: str, name: str, timeout: float = TIMEOUT
+) -> dict[str, Any]:
+    """The FineTuningJob's status once it Succeeded or Failed."""
+    return wait_status(
+        kube,
+        namespace,
+        name,
+        lambda s: s.get("phase") in ("Succeeded", "Failed"),
+        describe="finished",
+        timeout=timeout,
+    )["status"]
+
+
 def wait_phase(
     kube: Kube, namespace: str, name: str, phase: str, timeout: float = TIMEOUT
 ) -> dict[str, Any]:

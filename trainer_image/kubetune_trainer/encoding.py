@@ -98,6 +98,20 @@ class Encoder:
         """A prompt's tokens, exactly as a prompt/completion example starts."""
         return self._tokens(text)
 
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation's tokens up to the assistant's next turn (the chat template
+        with its generation prompt), as training renders that part of a chat."""
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        encoded = self.tokenizer(text, add_special_tokens=self._adds_bos(text))
+        return self._single_bos(list(encoded["input_ids"]))
+
+    def _adds_bos(self, text: str) -> bool:
+        """Whether tokenizing `text` should add the BOS: not if the template wrote it."""
+        bos_text = self.tokenizer.bos_token
+        return not (bos_text and text.startswith(bos_text))
+
     def _tokens(self, text: str, special: bool = True) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         return self._single_bos(ids)
@@ -140,9 +154,9 @@ class Encoder:
                     "(transformers' assistant mask), or prompt/completion fields"
                 )
             spans.append((len(before), len(through)))
-        bos_text = self.tokenizer.bos_token
-        add_special = not (bos_text and text.startswith(bos_text))
-        encoded = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        encoded = self.tokenizer(
+            text, add_special_tokens=self._adds_bos(text), return_offsets_mapping=True
+        )
         ids = list(encoded["input_ids"])
         offsets = list(encoded["offset_mapping"])
         if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:

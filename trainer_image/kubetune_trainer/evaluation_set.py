@@ -86,7 +86,7 @@ def load_evaluation_set(
     for record in records:
         check_example(record, shape)
         encoded, _ = encoder.encode(record)
-        prompt, prompt_ids, reference = _prompt_and_reference(record, shape, tokenizer, encoder)
+        prompt, prompt_ids, reference = _prompt_and_reference(record, shape, encoder)
         examples.append(EvaluationExample(prompt, prompt_ids, reference, encoded))
     return EvaluationSet(
         examples=examples,
@@ -136,7 +136,7 @@ def _records(
 
 
 def _prompt_and_reference(
-    record: Record, shape: ExampleShape, tokenizer, encoder: Encoder
+    record: Record, shape: ExampleShape, encoder: Encoder
 ) -> tuple[str, list[int], str | None]:
     if shape.kind == "prompt_completion":
         prompt = string_field(record, shape.prompt or "")
@@ -144,11 +144,7 @@ def _prompt_and_reference(
     if shape.kind == "messages":
         messages = messages_of(record, shape.messages or "")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = tokenizer.apply_chat_template(
-            messages[:last], tokenize=False, add_generation_prompt=True
-        )
-        bos = tokenizer.bos_token
-        ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-        return messages[last - 1]["content"] if last else "", list(ids), messages[last]["content"]
+        ids = encoder.chat_prompt_ids(messages[:last])
+        return messages[last - 1]["content"] if last else "", ids, messages[last]["content"]
     text = string_field(record, shape.text or "")
     return text, [], None

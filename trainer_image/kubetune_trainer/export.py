@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api.evaluation import EvaluationResult
+from kubetune.api.evaluation import EvaluationResult, shown
 from kubetune.api.finetuningjob import FineTuningMethod, ResolvedHyperparameters
 from kubetune.api.trainer import TrainerConfig
 
@@ -144,9 +144,6 @@ def _evaluation_section(evaluation: EvaluationResult | None) -> str:
         return ""
     if evaluation.error:
         return f"\n## Evaluation\n\nThe evaluation failed: {evaluation.error}\n"
-
-    def shown(value: float | None) -> str:
-        return "-" if value is None else f"{value:.4g}"
 
     return (
         f"\n## Evaluation\n\n{evaluation.examples} held-out examples "

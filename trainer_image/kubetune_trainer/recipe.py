@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from kubetune.api.trainer import (
     TrainerMode,
     TrainerTermination,
 )
-from kubetune_trainer import acceleration, export, modeling, setup
+from kubetune_trainer import acceleration, export, modeling, scoring, setup
 from kubetune_trainer.callbacks import CheckpointMarker, Progress, StepObserver, StopOnSignal
 from kubetune_trainer.checkpoints import resumable_checkpoint
 from kubetune_trainer.distributed import Processes, device_for, enable_fsdp_on_cpu, fsdp_settings
@@ -254,7 +253,7 @@ def _metrics(trainer, progress: Progress, data) -> dict[str, float]:
         if evals and evals[0][0] == 0:  # evaluated on start, by this run or the one resumed
             metrics["eval_loss_initial"] = float(evals[0][1])
         metrics["eval_loss"] = float(eval_loss)
-        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+        metrics["eval_perplexity"] = scoring.perplexity(eval_loss)
     return metrics
 
 

@@ -9,7 +9,7 @@ Hub and the trainer runs offline) and JSON Schema validation is ``jsonschema``.
 Both are imported on first use, so ``check_regex`` and the string metrics need
 neither (rouge_score imports all of nltk, about a second).
 
-This module has no torch and no I/O: generating the predictions is the caller's job.
+This module has no torch and no I/O (its metric names come from the API models): generating the predictions is the caller's job.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-METRIC_NAMES = ("exact_match", "contains", "rouge_l", "regex", "json_schema")
+from kubetune.api.evaluation import GENERATION_METRICS
+
+METRIC_NAMES = tuple(metric.value for metric in GENERATION_METRICS)
 MAX_REGEX_LENGTH = 1000
 # Perplexity is exp(loss) with the loss capped here: exp(50) ~ 5e21 never overflows.
 MAX_LOSS_FOR_PERPLEXITY = 50.0

@@ -18,6 +18,7 @@ from kubetune_operator.sweep_status import (
 
 from kubetune.api.sweep import FineTuningSweepSpec, FineTuningSweepStatus
 from tests.unit.operator.conftest import NOW, SPEC
+from tests.unit.trainer.helpers import DEFAULT_HYPERPARAMETERS
 
 SWEEP = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -114,24 +115,7 @@ def test_a_trials_model_comes_from_its_status() -> None:
                 "kind": "adapter",
                 "digest": "sha256:abc",
             },
-            "hyperparameters": {
-                "epochs": 1,
-                "batchSize": 4,
-                "gradientAccumulationSteps": 1,
-                "effectiveBatchSize": 4,
-                "learningRate": 1e-3,
-                "lrScheduler": "linear",
-                "warmupRatio": 0.0,
-                "weightDecay": 0.0,
-                "maxGradNorm": 1.0,
-                "maxSeqLength": 64,
-                "packing": True,
-                "precision": "fp32",
-                "gradientCheckpointing": False,
-                "saveSteps": 10,
-                "loggingSteps": 1,
-                "seed": 1,
-            },
+            "hyperparameters": DEFAULT_HYPERPARAMETERS,
             "completionTime": "2026-01-01T00:00:00Z",
             "datasetDigest": "sha256:data",
         }
