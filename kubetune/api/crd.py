@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from kubetune.api import admission
 from kubetune.api import finetuningjob as ftj
+from kubetune.api import merge as mm
 from kubetune.api import registeredmodel as rm
 from kubetune.api import sweep as sw
 from kubetune.api.common import GROUP, LIST_MAX, TEXT_MAX, VERSION
@@ -309,17 +310,19 @@ def finetuningjob_crd() -> Schema:
 
 def registeredmodel_crd() -> Schema:
     spec = model_schema(rm.RegisteredModelSpec)
-    spec["x-kubernetes-validations"] = [
+    spec.setdefault("x-kubernetes-validations", []).append(
         {"rule": "self == oldSelf", "message": "a RegisteredModel's record is immutable"}
-    ]
+    )
     root = _object_root(spec, None, rm.RegisteredModel.__doc__ or "")
     columns = [
         _column("Base Model", ".spec.baseModel.name"),
         _column("Method", ".spec.method"),
         _column("Artifact", ".spec.artifact.kind"),
         _column("Job", ".spec.sourceJob.name"),
+        _column("Merge", ".spec.merge.method", description="How it was merged, if it was."),
         _column("Age", ".metadata.creationTimestamp", "date"),
         _column("Digest", ".spec.artifact.digest", priority=1),
+        _column("Merged By", ".spec.merge.source.name", priority=1),
     ]
     return _crd(rm.KIND, rm.PLURAL, rm.SHORT_NAME, root, columns, ["kubetune"], status=False)
 
@@ -341,6 +344,24 @@ def finetuningsweep_crd() -> Schema:
     return _crd(sw.KIND, sw.PLURAL, sw.SHORT_NAME, root, columns, ["kubetune"], status=True)
 
 
+def modelmerge_crd() -> Schema:
+    spec = model_schema(mm.ModelMergeSpec)
+    spec.setdefault("x-kubernetes-validations", []).append(
+        {"rule": "self == oldSelf", "message": "a ModelMerge's spec is immutable"}
+    )
+    status = model_schema(mm.ModelMergeStatus)
+    root = _object_root(spec, status, mm.ModelMerge.__doc__ or "")
+    columns = [
+        _column("Phase", ".status.phase", description="Summary of the conditions."),
+        _column("Method", ".spec.method"),
+        _column("Format", ".spec.format"),
+        _column("Model", ".status.registeredModel", description="The merged model."),
+        _column("Age", ".metadata.creationTimestamp", "date"),
+        _column("Digest", ".status.digest", priority=1),
+    ]
+    return _crd(mm.KIND, mm.PLURAL, mm.SHORT_NAME, root, columns, ["kubetune"], status=True)
+
+
 # Where `python -m kubetune.api.crd` writes, relative to the repository root:
 # the plain manifests, and the Helm chart's copy (rendered by its templates).
 TARGETS = ("crds", "charts/kubetune/files/crds")
@@ -358,7 +379,12 @@ def rendered() -> dict[str, str]:
     """File name to YAML text for every CRD."""
     return {
         f"{c['metadata']['name']}.yaml": _dump(c)
-        for c in (finetuningjob_crd(), registeredmodel_crd(), finetuningsweep_crd())
+        for c in (
+            finetuningjob_crd(),
+            registeredmodel_crd(),
+            finetuningsweep_crd(),
+            modelmerge_crd(),
+        )
     }
 
 

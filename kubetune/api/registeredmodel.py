@@ -24,6 +24,7 @@ from kubetune.api.finetuningjob import (
     ResolvedHyperparameters,
     VirtualTokenSettings,
 )
+from kubetune.api.merge import MergeFormat, MergeMethod, SignMethod
 
 KIND = "RegisteredModel"
 PLURAL = "registeredmodels"
@@ -90,6 +91,43 @@ class SourceJob(ApiModel):
     generation: int = Field(description="Generation of its spec that was trained.")
 
 
+class SourceMerge(ApiModel):
+    """The ModelMerge that produced the model."""
+
+    name: str = Field(description="Name of the ModelMerge.", max_length=NAME_MAX)
+    namespace: str = Field(description="Namespace of the ModelMerge.", max_length=NAME_MAX)
+    uid: str = Field(description="UID of the ModelMerge.", max_length=64)
+
+
+class ParentModel(ApiModel):
+    """One of the models a merged model was made from."""
+
+    name: str = Field(description="Its RegisteredModel.", max_length=NAME_MAX)
+    uid: str = Field(
+        description="UID of that RegisteredModel (names can be reused).", max_length=64
+    )
+    digest: str = Field(description="sha256 of its weights, as merged.", max_length=128)
+    weight: float = Field(description="Its weight in the merge.")
+    method: FineTuningMethod = Field(description="How it was fine-tuned.")
+    source_job: str | None = Field(
+        default=None, description="The FineTuningJob that trained it, if any.", max_length=NAME_MAX
+    )
+
+
+class MergeLineage(ApiModel):
+    """How a merged model was made: from which models, with which weights and method."""
+
+    method: MergeMethod = Field(description="The merge method.")
+    format: MergeFormat = Field(description="adapter (a merged adapter) or full (full weights).")
+    parents: list[ParentModel] = Field(description="The models merged, in order.", max_length=8)
+    density: float | None = Field(default=None, description="ties/dare: fraction kept.")
+    majority_sign_method: SignMethod | None = Field(
+        default=None, description="ties/dare_ties: how each parameter's sign was elected."
+    )
+    svd_rank: int | None = Field(default=None, description="svd: rank of the merged adapter.")
+    source: SourceMerge = Field(description="The ModelMerge that made it.")
+
+
 class ServingHints(ApiModel):
     """How to serve the model with common inference servers."""
 
@@ -105,15 +143,29 @@ class ServingHints(ApiModel):
 class RegisteredModelSpec(ApiModel):
     """What was trained, from what, how, and where the weights are."""
 
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": validations(
+            cel(
+                "has(self.sourceJob) != has(self.merge)",
+                "a RegisteredModel records either the FineTuningJob that trained it (sourceJob) "
+                "or the ModelMerge that made it (merge)",
+            )
+        )
+    }
+
     base_model: BaseModelSource = Field(description="The model fine-tuning started from.")
     method: FineTuningMethod = Field(description="Fine-tuning method.")
     adapter: AdapterSettings = Field(
         default_factory=AdapterSettings, description="Method settings."
     )
     artifact: Artifact = Field(description="The trained weights.")
-    dataset: DatasetLineage = Field(description="The training data.")
-    hyperparameters: ResolvedHyperparameters = Field(description="The hyperparameters used.")
-    seed: int = Field(description="Random seed.")
+    dataset: DatasetLineage | None = Field(
+        default=None, description="The training data (trained models)."
+    )
+    hyperparameters: ResolvedHyperparameters | None = Field(
+        default=None, description="The hyperparameters used (trained models)."
+    )
+    seed: int | None = Field(default=None, description="Random seed (trained models).")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Final metrics (loss, eval loss, perplexity)."
     )
@@ -123,9 +175,14 @@ class RegisteredModelSpec(ApiModel):
         "(before) and the fine-tuned one (after), the evaluation set's digest and the "
         "per-example report.",
     )
-    source_job: SourceJob = Field(description="The FineTuningJob that trained it.")
+    source_job: SourceJob | None = Field(
+        default=None, description="The FineTuningJob that trained it (trained models)."
+    )
+    merge: MergeLineage | None = Field(
+        default=None, description="The merge that made it (merged models): parents and method."
+    )
     trainer_image: str = Field(description="Image that ran the trainer.", max_length=512)
-    trained_at: datetime = Field(description="When training completed.")
+    trained_at: datetime = Field(description="When training (or the merge) completed.")
     serving: ServingHints = Field(default_factory=ServingHints, description="How to serve it.")
 
 

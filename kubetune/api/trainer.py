@@ -28,6 +28,7 @@ from pydantic import Field
 from kubetune.api.common import ApiModel
 from kubetune.api.evaluation import EvaluationResult
 from kubetune.api.finetuningjob import FineTuningJobSpec, ResolvedHyperparameters
+from kubetune.api.merge import MergeReport
 
 # Exit codes (sysexits.h). The Job's podFailurePolicy fails the job at once on
 # these, without retries: running again cannot fix bad input.
@@ -49,6 +50,7 @@ REPORTS_PATH = "/v1/reports"
 class TrainerMode(StrEnum):
     VALIDATE = "validate"  # check the dataset only (CPU pod, before GPUs are requested)
     TRAIN = "train"
+    MERGE = "merge"  # combine RegisteredModels (a ModelMerge's CPU pod; config: MergeConfig)
 
 
 class JobIdentity(ApiModel):
@@ -179,4 +181,5 @@ class TrainerTermination(ApiModel):
 
     result: ResultReport | None = Field(default=None, description="On success.")
     validation: ValidationReport | None = Field(default=None, description="After a dataset check.")
+    merge: MergeReport | None = Field(default=None, description="After a merge (mode merge).")
     error: ErrorReport | None = Field(default=None, description="On failure.")

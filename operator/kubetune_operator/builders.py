@@ -216,7 +216,7 @@ def _volumes(
     return volumes, mounts
 
 
-def _security_contexts() -> tuple[Obj, Obj]:
+def security_contexts() -> tuple[Obj, Obj]:
     """Meets the restricted Pod Security Standard."""
     pod = {
         "runAsNonRoot": True,
@@ -359,7 +359,7 @@ def desired_job(
             tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
 
     volumes, mounts = _volumes(spec, settings, writable_output=training)
-    pod_security, container_security = _security_contexts()
+    pod_security, container_security = security_contexts()
     pod_labels = {**spec.pod_metadata.labels, **naming.labels(owner, meta["uid"], component)}
     pod_spec: Obj = {
         "restartPolicy": "Never",

@@ -28,6 +28,7 @@ from urllib3.exceptions import HTTPError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
+from kubetune.api import merge as mm
 from kubetune.api import registeredmodel as rm
 from kubetune.api import sweep as sw
 from kubetune_operator import naming
@@ -344,13 +345,15 @@ WATCHED_KINDS = len(WATCHED)
 
 
 class Cache:
-    """Everything the reconcile reads: FineTuningJobs (fed by kopf's own watch of them)
-    and, from the informers above, the operator's children and the RegisteredModels."""
+    """Everything the reconcile reads: FineTuningJobs, sweeps and merges (fed by kopf's
+    own watches of them) and, from the informers above, the operator's children and the
+    RegisteredModels."""
 
     def __init__(self, api: client.ApiClient, namespaces: list[str], on_change: OnChange) -> None:
         # FineTuningJobs indexed by the sweep they are trials of; sweeps fed by kopf too.
         self.finetuningjobs = Store(index_label=naming.LABEL_SWEEP_UID)
         self.sweeps = Store()
+        self.merges = Store()
         self.informers = {r.kind: Informer(api, r, namespaces, on_change) for r in WATCHED}
 
     def start(self) -> None:
@@ -369,6 +372,8 @@ class Cache:
             return self.finetuningjobs
         if kind == sw.KIND:
             return self.sweeps
+        if kind == mm.KIND:
+            return self.merges
         return self.informers[kind].store
 
     def children(self, kind: str, namespace: str, uid: str) -> list[Obj]:

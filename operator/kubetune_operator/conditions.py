@@ -15,6 +15,8 @@ REGISTERED = "Registered"
 EVALUATED = "Evaluated"  # spec.evaluation ran (True) or failed (False); the model is kept
 FAILED = "Failed"
 CANCELLED = "Cancelled"
+# A ModelMerge's: its models exist and can be merged.
+MODELS_READY = "ModelsReady"
 # The summary, for generic tools (kubectl wait --for=condition=Ready, Argo CD, kstatus):
 # True once the job succeeded (and its model is registered), else False with the phase.
 READY = "Ready"
@@ -44,6 +46,14 @@ NAME_TAKEN = "NameTaken"  # the RegisteredModel's name records another job's mod
 NAME_FREE = "NameFree"  # the name taken before is free again
 NAME_CONFLICT = "NameConflict"  # a child's name is held by an object this job does not own
 CREATE_REFUSED = "CreateRefused"  # the API server refused a child (quota, admission policy)
+# A ModelMerge's reasons.
+MODEL_NOT_FOUND = "ModelNotFound"  # a model to merge is not registered (yet)
+MODEL_UNREADABLE = "ModelUnreadable"  # its record does not parse
+INCOMPATIBLE_MODELS = "IncompatibleModels"
+MODELS_COMPATIBLE = "ModelsCompatible"
+MERGE_RUNNING = "MergeRunning"
+MERGE_COMPLETE = "MergeComplete"
+MERGE_FAILED = "MergeFailed"
 
 # True, but nothing happened: no event.
 QUIET_REASONS = {VALIDATION_SKIPPED}
@@ -56,6 +66,9 @@ WARNING_REASONS = {
     NAME_CONFLICT,
     CREATE_REFUSED,
     EVALUATION_FAILED,
+    MODEL_NOT_FOUND,
+    INCOMPATIBLE_MODELS,
+    MERGE_FAILED,
 }
 
 

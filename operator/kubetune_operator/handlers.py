@@ -23,11 +23,13 @@ from urllib3.exceptions import HTTPError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
+from kubetune.api import merge as mm
 from kubetune.api import sweep as sw
 from kubetune.api.trainer import REPORT_PROGRESS_KEY
 from kubetune_operator import metrics, naming
 from kubetune_operator.cache import Cache, slim
 from kubetune_operator.leader import LeaderElector, default_identity
+from kubetune_operator.merges import reconcile_merge
 from kubetune_operator.reconcile import Blocked, Clients, Stale, reconcile
 from kubetune_operator.reports import ReportEndpoint, ReportStore, TokenReviewer, server_tls
 from kubetune_operator.reports import serve as serve_reports
@@ -45,12 +47,18 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.watching.server_timeout = 300
     settings.execution.max_workers = config.workers
     memo.queue = WorkQueue(on_depth=metrics.QUEUE_DEPTH.set)
+    # Sweeps and merges have queues of their own: their looks never wait behind a
+    # thousand jobs.
+    memo.sweep_queue = WorkQueue()
+    memo.merge_queue = WorkQueue()
     loop = asyncio.get_running_loop()
 
     def child_changed(kind: str, obj: dict, deleted: bool) -> None:  # informer threads
-        owner = _owner_of(kind, obj)
-        if owner is not None:
-            loop.call_soon_threadsafe(memo.queue.add, (obj["metadata"]["namespace"], owner))
+        namespace = obj["metadata"]["namespace"]
+        if (merge := _merge_of(kind, obj)) is not None:
+            loop.call_soon_threadsafe(memo.merge_queue.add, (namespace, merge))
+        elif (owner := _owner_of(kind, obj)) is not None:
+            loop.call_soon_threadsafe(memo.queue.add, (namespace, owner))
 
     memo.cache = Cache(memo.watch_api, config.namespaces, child_changed)
     memo.reports = ReportStore()
@@ -69,10 +77,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         )
         memo.tasks.append(asyncio.create_task(memo.elector.run()))
     memo.tasks += [asyncio.create_task(_worker(memo)) for _ in range(config.workers)]
-    # Sweeps have their own queue: a sweep's look never waits behind a thousand jobs.
-    memo.sweep_queue = WorkQueue()
-    memo.tasks.append(asyncio.create_task(memo.sweep_queue.run_timers()))
-    memo.tasks.append(asyncio.create_task(_worker(memo, memo.sweep_queue, reconcile_sweep)))
+    for queue, reconciler in (
+        (memo.sweep_queue, reconcile_sweep),
+        (memo.merge_queue, reconcile_merge),
+    ):
+        memo.tasks.append(asyncio.create_task(queue.run_timers()))
+        memo.tasks.append(asyncio.create_task(_worker(memo, queue, reconciler)))
     memo.report_server = None
     memo.report_pacer = ReportPacer(memo.queue, config.report_status_interval_seconds)
     if config.report_port:
@@ -225,6 +235,18 @@ async def sweep_changed(event: dict, name: str, namespace: str, memo: kopf.Memo,
         memo.sweep_queue.add((namespace, name), NEW)
 
 
+@kopf.on.event(GROUP, VERSION, mm.PLURAL)
+async def merge_changed(event: dict, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    cache: Cache | None = getattr(memo, "cache", None)
+    if cache is None:
+        return
+    if event.get("type") == "DELETED":
+        cache.forget(mm.KIND, namespace, name)
+        return
+    if not _own_status_write(event, _cached(cache, event)):
+        memo.merge_queue.add((namespace, name), NEW)
+
+
 def _cached(cache: Cache, event: dict) -> dict:
     """The event's object, slimmed, into the cache (a copy: kopf keeps its own)."""
     body = slim(copy.deepcopy(dict(event["object"])))
@@ -247,6 +269,19 @@ def _sweep_of(trial: dict) -> str | None:
         return None
     for ref in trial["metadata"].get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == sw.KIND:
+            return ref.get("name")
+    return None
+
+
+def _merge_of(kind: str, obj: dict) -> str | None:
+    """The ModelMerge a merge Job or its pod works for, if it is one."""
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(naming.LABEL_COMPONENT) != naming.COMPONENT_MERGER:
+        return None
+    if kind == "Pod":
+        return (meta.get("annotations") or {}).get(naming.ANNOTATION_MERGE)
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == mm.KIND and ref.get("apiVersion", "").startswith(GROUP + "/"):
             return ref.get("name")
     return None
 

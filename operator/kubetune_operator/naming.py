@@ -19,6 +19,8 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_SWEEP_NAME = "kubetune.dev/sweep"
 LABEL_SWEEP_UID = "kubetune.dev/sweep-uid"
 LABEL_SWEEP_BEST = "kubetune.dev/sweep-best"  # "true" on the best trial's RegisteredModel
+# On a merged RegisteredModel: the ModelMerge that made it.
+LABEL_MERGE_UID = "kubetune.dev/merge-uid"
 
 ANNOTATION_SPEC_HASH = "kubetune.dev/spec-hash"
 # On multi-pod training Jobs and their pods: how many times all pods were restarted.
@@ -34,9 +36,12 @@ ANNOTATION_TRAINER_CONFIG = "kubetune.dev/trainer-config"
 ANNOTATION_TRIAL_NUMBER = "kubetune.dev/trial-number"
 ANNOTATION_TRIAL_PARAMETERS = "kubetune.dev/trial-parameters"
 ANNOTATION_STOPPED_EARLY = "kubetune.dev/stopped-early"  # "true": cancelled by the median rule
+# On a merge Job's pods: the ModelMerge they work for.
+ANNOTATION_MERGE = "kubetune.dev/modelmerge"
 
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATOR = "dataset-validator"
+COMPONENT_MERGER = "model-merger"
 
 # A Job's name ends up in a label of its pods: at most 63 characters.
 _MAX_NAME = 63
@@ -66,6 +71,10 @@ def rendezvous_service_name(owner: str) -> str:
 def trial_name(sweep: str, number: int) -> str:
     """Trial N of a sweep: the same name for the same number, always."""
     return child_name(sweep, f"t{number}")
+
+
+def merge_job_name(owner: str) -> str:
+    return child_name(owner, "merge")
 
 
 def validate_job_name(owner: str) -> str:

@@ -6,7 +6,12 @@ from datetime import datetime
 
 from kubetune.api import registeredmodel as rm
 from kubetune.api.common import VolumeLocation
-from kubetune.api.finetuningjob import FineTuningJobSpec, FineTuningJobStatus, FineTuningMethod
+from kubetune.api.finetuningjob import (
+    BaseModelSource,
+    FineTuningJobSpec,
+    FineTuningJobStatus,
+    FineTuningMethod,
+)
 from kubetune.api.trainer import ResultReport
 from kubetune_operator import conditions as c
 from kubetune_operator import naming
@@ -23,16 +28,18 @@ def registered_model_name(body: dict, spec: FineTuningJobSpec) -> str:
     return base[:MAX_NAME]
 
 
-def _serving_hints(spec: FineTuningJobSpec, name: str, artifact: rm.Artifact) -> rm.ServingHints:
+def serving_hints(
+    base_model: BaseModelSource, method: FineTuningMethod, name: str, artifact: rm.Artifact
+) -> rm.ServingHints:
     model_dir = mounted_path(artifact.volume)
-    base = mounted_path(spec.base_model.volume) if spec.base_model.volume else spec.base_model.name
+    base = mounted_path(base_model.volume) if base_model.volume else base_model.name
     revision = (
-        f" --revision {spec.base_model.revision}"
-        if spec.base_model.revision and not spec.base_model.volume
+        f" --revision {base_model.revision}"
+        if base_model.revision and not base_model.volume
         else ""
     )
     uri = f"pvc://{artifact.volume.claim_name}/{artifact.volume.path}".rstrip("/")
-    if artifact.kind == rm.ArtifactKind.ADAPTER and spec.method in (
+    if artifact.kind == rm.ArtifactKind.ADAPTER and method in (
         FineTuningMethod.LORA,
         FineTuningMethod.QLORA,
     ):
@@ -124,7 +131,7 @@ def desired_registered_model(
         ),
         trainer_image=status.trainer_image or "",
         trained_at=trained_at,
-        serving=_serving_hints(spec, name, artifact),
+        serving=serving_hints(spec.base_model, spec.method, name, artifact),
     )
     labels = {
         naming.LABEL_NAME: "kubetune",

@@ -42,6 +42,8 @@ ALLOWED = [
     ("patch", "finetuningjobs.kubetune.dev", None),  # ... cancelled by the median rule
     ("watch", "finetuningsweeps.kubetune.dev", None),
     ("patch", "finetuningsweeps.kubetune.dev", "status"),
+    ("watch", "modelmerges.kubetune.dev", None),
+    ("patch", "modelmerges.kubetune.dev", "status"),
     ("create", "registeredmodels.kubetune.dev", None),
     ("get", "registeredmodels.kubetune.dev", None),
     ("watch", "registeredmodels.kubetune.dev", None),
@@ -60,6 +62,8 @@ DENIED = [
     ("delete", "finetuningjobs.kubetune.dev", None),
     ("patch", "finetuningsweeps.kubetune.dev", None),
     ("delete", "finetuningsweeps.kubetune.dev", None),
+    ("patch", "modelmerges.kubetune.dev", None),
+    ("delete", "modelmerges.kubetune.dev", None),
     ("delete", "registeredmodels.kubetune.dev", None),
     ("patch", "registeredmodels.kubetune.dev", None),
     # No per-job objects any more: no ConfigMaps, identities or RBAC to create.

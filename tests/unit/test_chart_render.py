@@ -44,6 +44,12 @@ OPERATOR_RULES = [
     {"apiGroups": ["kubetune.dev"], "resources": ["finetuningsweeps/status"], "verbs": ["patch"]},
     {
         "apiGroups": ["kubetune.dev"],
+        "resources": ["modelmerges"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {"apiGroups": ["kubetune.dev"], "resources": ["modelmerges/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": ["kubetune.dev"],
         "resources": ["registeredmodels"],
         "verbs": ["get", "list", "watch", "create"],
     },
@@ -227,6 +233,7 @@ def test_default_objects(render) -> None:
             ("ClusterRoleBinding", f"{FULLNAME}-reports"),
             ("CustomResourceDefinition", "finetuningjobs.kubetune.dev"),
             ("CustomResourceDefinition", "finetuningsweeps.kubetune.dev"),
+            ("CustomResourceDefinition", "modelmerges.kubetune.dev"),
             ("CustomResourceDefinition", "registeredmodels.kubetune.dev"),
             ("Deployment", FULLNAME),
             ("Role", f"{FULLNAME}-leader-election"),
@@ -428,6 +435,7 @@ FORBIDDEN = [
     # Created (and cancelled) as a sweep's trials; never replaced or deleted.
     ("kubetune.dev", "finetuningjobs", {"delete", "update"}),
     ("kubetune.dev", "finetuningsweeps", {"create", "delete", "patch", "update"}),
+    ("kubetune.dev", "modelmerges", {"create", "delete", "patch", "update"}),
     ("kubetune.dev", "registeredmodels", {"delete", "patch", "update"}),
     ("rbac.authorization.k8s.io", "clusterroles", None),
     ("rbac.authorization.k8s.io", "clusterrolebindings", None),

@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM, after a checkpoint was saved
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
-    parser.add_argument("--config", required=True, help="TrainerConfig file (JSON or YAML).")
+    parser.add_argument("--config", required=True, help="TrainerConfig (--mode merge: MergeConfig) file, JSON or YAML.")
     parser.add_argument(
         "--mode", choices=[m.value for m in TrainerMode], default=TrainerMode.TRAIN.value
     )
@@ -48,11 +48,18 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     if args.termination_log:
         os.environ[TERMINATION_PATH_ENV] = args.termination_log
     termination_path = Path(args.termination_log) if args.termination_log else None
-    from kubetune_trainer import recipe  # heavy imports after argument parsing
+    # Heavy imports after argument parsing; a merge pod needs none of the training stack.
+    if args.mode == TrainerMode.MERGE:
+        from kubetune_trainer import merging
+    else:
+        from kubetune_trainer import recipe
 
     try:
-        config = load_config(args.config)
-        termination = recipe.run(config, TrainerMode(args.mode), callbacks=callbacks)
+        if args.mode == TrainerMode.MERGE:
+            termination = merging.run(merging.load_config(args.config))
+        else:
+            config = load_config(args.config)
+            termination = recipe.run(config, TrainerMode(args.mode), callbacks=callbacks)
     except TrainerFailure as failure:
         log.debug("failure", exc_info=True)
         log.error("%s: %s", failure.reason, failure.message)

@@ -81,6 +81,13 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: ["kubetune.dev"]
   resources: ["finetuningsweeps/status"]
   verbs: ["patch"]
+# ModelMerges: watched and read; only their status is ever written.
+- apiGroups: ["kubetune.dev"]
+  resources: ["modelmerges"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["kubetune.dev"]
+  resources: ["modelmerges/status"]
+  verbs: ["patch"]
 # RegisteredModels: watched (is a job's registration name free?) and created
 # once; never changed or deleted.
 - apiGroups: ["kubetune.dev"]
