@@ -6,7 +6,8 @@ by the API server itself (CEL, no webhook to run or keep available):
 
 * secret references: a job may name a Secret in `tokenSecretRef` only if the
   user creating (or changing) it may `get` that Secret (CEL `authorizer` check);
-* trainer images: `spec.image` must start with one of the prefixes an admin lists
+* trainer images: `spec.image` (of a FineTuningJob or a ModelMerge) must start with one
+  of the prefixes an admin lists
   in a ConfigMap (the policy's parameters); a job without `spec.image` runs the
   operator's default image and is not checked.
 
@@ -71,21 +72,23 @@ def _variable_name(path: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in path.split(".")[1:-1])  # BaseModel, Dataset
 
 
-def _match_constraints() -> Document:
+def _match_constraints(resources: list[str]) -> Document:
     return {
         "resourceRules": [
             {
                 "apiGroups": [GROUP],
                 "apiVersions": ["*"],
                 "operations": ["CREATE", "UPDATE"],
-                # The main resource only: status writes never change a reference.
-                "resources": ["finetuningjobs"],
+                # Main resources only: status writes never change a reference.
+                "resources": resources,
             }
         ]
     }
 
 
-def _policy(name: str, spec: Document) -> Document:
+def _policy(
+    name: str, spec: Document, resources: tuple[str, ...] = ("finetuningjobs",)
+) -> Document:
     return {
         "apiVersion": API,
         "kind": "ValidatingAdmissionPolicy",
@@ -96,7 +99,11 @@ def _policy(name: str, spec: Document) -> Document:
                 "app.kubernetes.io/part-of": "kubetune",
             },
         },
-        "spec": {"failurePolicy": "Fail", "matchConstraints": _match_constraints(), **spec},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": _match_constraints(list(resources)),
+            **spec,
+        },
     }
 
 
@@ -166,6 +173,8 @@ def image_policy() -> Document:
                 }
             ],
         },
+        # A ModelMerge's spec.image runs in its merge pod just as a job's does.
+        resources=("finetuningjobs", "modelmerges"),
     )
 
 

@@ -1,5 +1,7 @@
-"""A FineTuningSweep for real: trials that train the tiny model through the operator,
-never more than `parallelism` at once, the best one found and its model registered."""
+"""A FineTuningSweep for real: a grid of trials that train the tiny model through the
+operator, never more than `parallelism` at once, the one with the lowest eval loss
+found, every model kept; then a ModelMerge of two trials' adapters run by the operator
+in a CPU pod, registered with its lineage and loadable with PEFT."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from kubetune.dev.cluster import LocalCluster
 from kubetune.fine_tuning import ModelFineTuner
 from tests.e2e.test_training import manifest
 from tests.support import finetuning as ft
-from tests.support.kube import Kube
+from tests.support.kube import Kube, wait_for
 
 TIMEOUT = 420
 
@@ -34,7 +36,7 @@ def running_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: lis
             seen.append(sum(p not in ("Succeeded", "Failed", "Cancelled") for p in phases.values()))
 
 
-def test_random_search_over_the_learning_rate(
+def test_grid_search_over_the_learning_rate_then_merge_two_trials(
     e2e_cluster: LocalCluster, kube: Kube, ns: str, data_root: Path, tmp_path: Path
 ) -> None:
     template = manifest("template", "LORA")["spec"]
@@ -47,16 +49,15 @@ def test_random_search_over_the_learning_rate(
             "parameters": [
                 {
                     "path": "hyperparameters.learningRate",
-                    "type": "logUniform",
-                    "min": 1e-4,
-                    "max": 5e-2,
+                    "type": "categorical",
+                    "values": ["0.0001", "0.003", "0.05"],
                 }
             ],
-            "algorithm": "random",
+            "algorithm": "grid",
             "objective": {"metric": "eval_loss", "direction": "minimize"},
             "maxTrials": 3,
             "parallelism": 2,
-            "seed": 5,
+            "modelPolicy": "keepAll",
         },
     }
     stop, seen = threading.Event(), []
@@ -79,23 +80,27 @@ def test_random_search_over_the_learning_rate(
         assert trial["status"]["phase"] == "Succeeded"
         tried = json.loads(trial["metadata"]["annotations"]["kubetune.dev/trial-parameters"])
         assert (
-            tried["hyperparameters.learningRate"]
+            float(tried["hyperparameters.learningRate"])
             == trial["spec"]["hyperparameters"]["learningRate"]
         )
         losses[trial["metadata"]["name"]] = trial["status"]["metrics"]["eval_loss"]
     assert len(set(losses.values())) == 3  # three different learning rates, three results
+    rates = sorted(t["spec"]["hyperparameters"]["learningRate"] for t in trials)
+    assert rates == [0.0001, 0.003, 0.05]  # the grid, each point once
     best = min(losses, key=losses.get)
     assert done["bestTrial"] == best
     assert done["bestObjective"] == losses[best]
     assert [t["name"] for t in done["trials"]] == ["lr-t0", "lr-t1", "lr-t2"]
 
-    # bestOnly: one RegisteredModel, the best trial's, labelled as such.
+    # keepAll: every trial's model, the best one labelled as such.
     models = kube.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "registeredmodels")
-    assert [m["metadata"]["name"] for m in models["items"]] == [best] == [done["bestModel"]]
-    model = models["items"][0]
-    assert model["metadata"]["labels"]["kubetune.dev/sweep-best"] == "true"
-    assert model["spec"]["metrics"]["eval_loss"] == losses[best]
-    artifact = data_root / "models" / model["spec"]["artifact"]["volume"]["path"]
+    by_name = {m["metadata"]["name"]: m for m in models["items"]}
+    assert sorted(by_name) == ["lr-t0", "lr-t1", "lr-t2"] and done["bestModel"] == best
+    assert [
+        n for n, m in by_name.items() if "kubetune.dev/sweep-best" in m["metadata"]["labels"]
+    ] == [best]
+    assert by_name[best]["spec"]["metrics"]["eval_loss"] == losses[best]
+    artifact = data_root / "models" / by_name[best]["spec"]["artifact"]["volume"]["path"]
     assert (artifact / "adapter_model.safetensors").is_file()
 
     table = e2e_cluster.kubectl("get", "fts", "lr", "-n", ns)
@@ -116,3 +121,53 @@ def test_random_search_over_the_learning_rate(
     png = tmp_path / "sweep.png"
     cli("plot", "lr", "-o", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    merge_two_trials(kube, ns, data_root, by_name)
+
+
+def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict) -> None:
+    """A TIES merge of two trials' adapters: the merge pod checks their digests and
+    tokenizers, writes one adapter, and the operator registers it with its lineage."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelMerge",
+        "metadata": {"name": "blend"},
+        "spec": {
+            "models": [{"model": "lr-t0", "weight": 1.0}, {"model": "lr-t1", "weight": 1.0}],
+            "method": "ties",
+            "density": 0.5,
+            "output": {"volume": {"claimName": "models", "path": "merged"}},
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "modelmerges", body)
+    merged = wait_for(
+        ft.lister(kube, ns, "modelmerges"),
+        lambda m: (m.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+        field_selector="metadata.name=blend",
+        timeout=TIMEOUT,
+        describe="merge finished",
+    )["status"]
+    assert merged["phase"] == "Succeeded", merged
+    model = kube.custom.get_namespaced_custom_object(
+        GROUP, VERSION, ns, "registeredmodels", merged["registeredModel"]
+    )
+    lineage = model["spec"]["merge"]
+    assert lineage["method"] == "ties" and lineage["density"] == 0.5
+    assert [(p["name"], p["uid"], p["digest"], p["weight"]) for p in lineage["parents"]] == [
+        (
+            name,
+            models[name]["metadata"]["uid"],
+            models[name]["spec"]["artifact"]["digest"],
+            1.0,
+        )
+        for name in ("lr-t0", "lr-t1")
+    ]
+    assert model["spec"]["artifact"]["digest"] == merged["digest"]
+    folder = data_root / "models" / model["spec"]["artifact"]["volume"]["path"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(data_root / "models" / "tiny-llama")
+    adapter = PeftModel.from_pretrained(base, folder)
+    assert adapter.peft_config["default"].r == models["lr-t0"]["spec"]["adapter"]["lora"]["rank"]

@@ -126,6 +126,8 @@ def crds(kubeconfig: Path) -> None:
             "--for=condition=Established",
             "crd/finetuningjobs.kubetune.dev",
             "crd/registeredmodels.kubetune.dev",
+            "crd/finetuningsweeps.kubetune.dev",
+            "crd/modelmerges.kubetune.dev",
             "--timeout=60s",
         ],
         check=True,

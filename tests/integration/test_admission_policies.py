@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.api import admission
+from kubetune.api import GROUP, VERSION, admission
 from tests.support import finetuning as ft
 from tests.support.kube import Kube, wait_for
 
@@ -62,11 +62,12 @@ def policies(kube: Kube, namespace: str) -> list[dict[str, Any]]:
 
 
 def grant(kube: Kube, namespace: str, user: str, secrets: list[str]) -> Kube:
-    """`user` may write FineTuningJobs in `namespace` and get only the named Secrets."""
+    """`user` may write FineTuningJobs and ModelMerges in `namespace` and get only the
+    named Secrets."""
     rules = [
         client.V1PolicyRule(
             api_groups=["kubetune.dev"],
-            resources=["finetuningjobs"],
+            resources=["finetuningjobs", "modelmerges"],
             verbs=["create", "get", "list", "update", "patch"],
         )
     ]
@@ -210,6 +211,24 @@ def test_an_explicit_trainer_image_must_be_on_the_allow_list(
     assert f"spec.image: {OTHER_IMAGE} is not an allowed trainer image" in message
     assert "registry.example.com/ml/" in message
     assert f"ConfigMap {namespace}/{PARAMS}" in message
+    # A ModelMerge's image runs in its merge pod: the same list applies.
+    merge = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelMerge",
+        "metadata": {"name": "merge"},
+        "spec": {
+            "models": [{"model": "a"}, {"model": "b"}],
+            "method": "ties",
+            "output": {"volume": {"claimName": "models"}},
+            "image": OTHER_IMAGE,
+        },
+    }
+    message = refusal(
+        lambda: alice.custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "modelmerges", merge
+        )
+    )
+    assert f"spec.image: {OTHER_IMAGE} is not an allowed trainer image" in message
 
     # The admin extends the list: the image is accepted from then on.
     kube.core.patch_namespaced_config_map(
