@@ -75,6 +75,10 @@ def _auto_int(node: Schema) -> Schema:
     return out
 
 
+def _described(node: Schema) -> Schema:
+    return {"description": node["description"]} if "description" in node else {}
+
+
 def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
     """One JSON Schema node as a structural OpenAPI v3 schema node."""
     node = _resolve(node, defs)
@@ -99,6 +103,9 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         kind = kind or "string"
     if kind is None and "enum" in node:
         kind = "string"
+    if kind is None and not set(node) - {"description", "title"}:
+        # Any JSON value (JsonValue): the one typeless node a structural schema allows.
+        return {"x-kubernetes-preserve-unknown-fields": True, **_described(node)}
     if kind is None:
         raise SchemaError(f"schema node without a type: {node}")
     out["type"] = kind

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, JsonValue
 
 from kubetune.api.common import (
     CONDITIONS_LIST_MAP,
@@ -95,9 +95,10 @@ class CustomLoader(ApiModel):
         max_length=NAME_MAX,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_]*)?$",
     )
-    args: dict[str, str] = Field(
+    args: dict[str, JsonValue] = Field(
         default_factory=dict,
-        description="Keyword arguments passed to the loader.",
+        description="Keyword arguments passed to the loader: any JSON values (text, numbers, "
+        "booleans, lists, objects).",
         max_length=MAP_MAX,
     )
 

@@ -227,6 +227,17 @@ def test_valid_manifests_are_accepted_with_defaults(kube: Kube, namespace: str) 
         "batchSize": 8,
     }
     assert evaluated["jsonSchema"] == {"type": "object", "required": ["answer"]}
+    # A custom loader's arguments are any JSON values, kept as written.
+    args = {"count": 2, "shuffle": True, "splits": ["train", "test"], "name": "x", "opts": {"a": 1}}
+    custom = ft.create(
+        kube,
+        namespace,
+        ft.manifest(
+            "custom",
+            dataset={"format": "CUSTOM", "custom": {"loader": "pkg.mod:load", "args": args}},
+        ),
+    )["spec"]["dataset"]["custom"]
+    assert custom["args"] == args
     for method, extra in [
         ("FULL", {"lora": DELETE}),
         ("QLORA", {"quantization": {"bits": 4, "quantType": "nf4"}}),

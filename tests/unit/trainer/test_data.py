@@ -108,9 +108,11 @@ def test_huggingface_local_files(tmp_path):
 
 
 def test_custom_loader_by_module_function():
-    custom = CustomLoader(loader="tests.unit.trainer.custom_loader:load_rows", args={"count": "2"})
+    custom = CustomLoader(
+        loader="tests.unit.trainer.custom_loader:load_rows", args={"count": 2, "prefix": ["a"]}
+    )
     records = read_custom_records(custom, local_path="/data")
-    assert [r.fields["text"] for r in records] == ["row 0 from /data", "row 1 from /data"]
+    assert [r.fields["text"] for r in records] == ["a 0 from /data", "a 1 from /data"]
 
 
 @pytest.mark.parametrize(
