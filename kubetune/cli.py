@@ -390,6 +390,14 @@ def list_command(selector: str | None, **options: str | None) -> None:
     _emit(options, {"items": jobs}, table)
 
 
+def _made_by(spec: dict) -> str:
+    """The job that trained a model, or `merge <name>` for a merged one."""
+    if spec.get("sourceJob"):
+        return spec["sourceJob"].get("name", "")
+    source = (spec.get("merge") or {}).get("source") or {}
+    return f"merge {source['name']}" if source.get("name") else ""
+
+
 @main.command("models")
 @cluster_options(output=True)
 def models_command(**options: str | None) -> None:
@@ -412,7 +420,7 @@ def models_command(**options: str | None) -> None:
                     (spec.get("baseModel") or {}).get("name", ""),
                     spec.get("method", ""),
                     (spec.get("artifact") or {}).get("kind", ""),
-                    (spec.get("sourceJob") or {}).get("name", ""),
+                    _made_by(spec),
                     f"{eval_loss:.4f}" if eval_loss is not None else "",
                     _age(model["metadata"].get("creationTimestamp")),
                 ]
@@ -562,7 +570,9 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-# Registered last: the sweep commands use this module's helpers.
+# Registered last: the sweep and merge commands use this module's helpers.
+from kubetune.cli_merges import merge_group  # noqa: E402
 from kubetune.cli_sweeps import sweep_group  # noqa: E402
 
 main.add_command(sweep_group)
+main.add_command(merge_group)

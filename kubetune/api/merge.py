@@ -57,7 +57,13 @@ EQUAL_RANK_METHODS = (
     MergeMethod.DARE_LINEAR,
     MergeMethod.DARE_TIES,
 )
-ADAPTER_METHODS = tuple(MergeMethod)[:5]  # every method but SLERP
+ADAPTER_METHODS = (
+    MergeMethod.LINEAR,
+    MergeMethod.TIES,
+    MergeMethod.DARE_LINEAR,
+    MergeMethod.DARE_TIES,
+    MergeMethod.SVD,
+)
 FULL_METHODS = (*DENSITY_METHODS, MergeMethod.LINEAR, MergeMethod.SLERP)
 
 
@@ -139,10 +145,11 @@ class ModelMergeSpec(ApiModel):
         ge=1,
         le=1024,
     )
-    format: MergeFormat = Field(
-        default=MergeFormat.ADAPTER,
-        description="LoRA parents: keep the merged adapter (adapter) or fold it into the base "
-        "model's weights (full). Full fine-tunes always give full weights.",
+    format: MergeFormat | None = Field(
+        default=None,
+        description="LoRA parents: keep the merged adapter (adapter, the default) or fold it "
+        "into the base model's weights (full). Full fine-tunes always give full weights "
+        "(leave it out, or full).",
     )
     output: MergeOutput = Field(description="Where the merged model is written.")
     model_name: str | None = Field(
@@ -219,7 +226,8 @@ class ModelMergeStatus(ApiModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Detailed state: Ready (the models can be merged), Succeeded.",
+        description="Detailed state: ModelsReady (the models exist and can be merged), "
+        "Running, Succeeded, Failed, Registered, and Ready (the merged model is registered).",
         max_length=8,
         json_schema_extra=CONDITIONS_LIST_MAP,
     )
@@ -283,6 +291,12 @@ class MergeReport(ApiModel):
     kind: str = Field(description="adapter or full.")
     digest: str = Field(description="sha256:<hex> over the weight files.")
     rank: int | None = Field(default=None, description="Rank of a merged adapter.")
+    lora_alpha: int | None = Field(
+        default=None, description="lora_alpha of a merged adapter, as saved."
+    )
+    target_modules: list[str] | None = Field(
+        default=None, description="Modules a merged adapter adapts, as saved."
+    )
     parameters_changed: float | None = Field(
         default=None, description="Fraction of the base model's weights the merge changed."
     )

@@ -1,4 +1,5 @@
-"""FineTuningJobs and RegisteredModels on a cluster: the calls the SDK and the CLI share."""
+"""FineTuningJobs, sweeps, merges and RegisteredModels on a cluster: the calls the SDK and
+the CLI share."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kubetune.api import GROUP, VERSION, FineTuningJob
 JOBS = "finetuningjobs"
 MODELS = "registeredmodels"
 SWEEPS = "finetuningsweeps"
+MERGES = "modelmerges"
 TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
 JOB_NAME_LABEL = "kubetune.dev/job-name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -267,6 +269,47 @@ class Cluster:
     def watch_sweep(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The sweep now, then each change of it (its trial table included)."""
         return self._watch(SWEEPS, "FineTuningSweep", name, timeout)
+
+    # --- ModelMerges ----------------------------------------------------------------------
+
+    def create_merge(self, merge: dict[str, Any]) -> dict[str, Any]:
+        body = {**merge, "metadata": {**merge.get("metadata", {}), "namespace": self.namespace}}
+        body.pop("status", None)
+        name = body["metadata"].get("name", "?")
+        return self._call(
+            f"creating ModelMerge {name} in namespace {self.namespace}",
+            self.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            MERGES,
+            body,
+        )
+
+    def get_merge(self, name: str) -> dict[str, Any]:
+        return self._call(
+            f"ModelMerge {name!r} in namespace {self.namespace}",
+            self.custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            MERGES,
+            name,
+        )
+
+    def list_merges(self) -> list[dict[str, Any]]:
+        return self._call(
+            f"listing ModelMerges in namespace {self.namespace}",
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            MERGES,
+        )["items"]
+
+    def watch_merge(self, name: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The merge now, then each change of it."""
+        return self._watch(MERGES, "ModelMerge", name, timeout)
 
     # --- pods and logs -------------------------------------------------------------------
 

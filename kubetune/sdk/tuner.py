@@ -1,4 +1,5 @@
-"""ModelFineTuner: create, follow, cancel and register fine-tuning jobs, on a cluster or locally."""
+"""ModelFineTuner: create, follow, cancel and register fine-tuning jobs, on a cluster or locally;
+sweeps and merges of registered models on a cluster."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from kubetune.api.common import VolumeLocation
+from kubetune.api.merge import MergeFormat, MergeMethod
 from kubetune.api.sweep import FineTuningSweep
 from kubetune.sdk.backends import ClusterBackend, LocalBackend
 from kubetune.sdk.cluster import NotFound, kubeconfig_available
 from kubetune.sdk.config import DatasetFormat, FineTuningConfig, new_job_id
+from kubetune.sdk.merges import MergeWeights, check_model_merge, merge_manifest
 from kubetune.sdk.results import FineTuningResult
 
 BackendName = Literal["local", "cluster"]
@@ -198,11 +202,11 @@ class ModelFineTuner:
         result.fine_tuned_model_id = model_id
         return model_id
 
-    # --- sweeps (cluster backend) -----------------------------------------------------------
+    # --- sweeps and merges (cluster backend) ------------------------------------------------
 
     def _cluster(self):
         if not isinstance(self.backend, ClusterBackend):
-            raise ValueError("sweeps run on a cluster: use backend='cluster'")
+            raise ValueError("sweeps and merges run on a cluster: use backend='cluster'")
         return self.backend.cluster
 
     async def create_sweep(self, sweep: dict[str, Any]) -> str:
@@ -225,6 +229,60 @@ class ModelFineTuner:
                 if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     return obj
             raise TimeoutError(f"FineTuningSweep {name}: not finished after {timeout}s ({last})")
+
+        return await asyncio.to_thread(wait)
+
+    async def merge_models(
+        self,
+        name: str,
+        models: MergeWeights,
+        method: str | MergeMethod = MergeMethod.TIES,
+        *,
+        output: str | VolumeLocation,
+        format: str | MergeFormat | None = None,
+        density: float | None = None,
+        majority_sign_method: str | None = None,
+        svd_rank: int | None = None,
+        model_name: str | None = None,
+    ) -> str:
+        """Merge RegisteredModels of one base model into a new one (a ModelMerge named
+        `name`, in this tuner's namespace); returns its name at once. `models` maps each
+        RegisteredModel to its weight; `output` is CLAIM, CLAIM:PATH or a VolumeLocation."""
+        manifest = merge_manifest(
+            name,
+            models,
+            method,
+            output=output,
+            format=format,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            svd_rank=svd_rank,
+            model_name=model_name,
+        )
+        return await self.create_model_merge(manifest)
+
+    async def create_model_merge(self, manifest: dict[str, Any]) -> str:
+        """Create a ModelMerge from a manifest (a dict, checked before it is sent)."""
+        check_model_merge(manifest)
+        created = await asyncio.to_thread(self._cluster().create_merge, dict(manifest))
+        return created["metadata"]["name"]
+
+    async def get_model_merge(self, name: str) -> dict[str, Any]:
+        """The merge as stored: its spec and status (phase, conditions, registered model)."""
+        return await asyncio.to_thread(self._cluster().get_merge, name)
+
+    async def wait_for_merge(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait until the merge succeeded or failed (TimeoutError after `timeout`); the
+        merged model is then `status.registeredModel`, a failure's reason in its conditions."""
+
+        def wait() -> dict[str, Any]:
+            last = None
+            for obj in self._cluster().watch_merge(name, timeout):
+                last = obj
+                if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    return obj
+            phase = ((last or {}).get("status") or {}).get("phase", "Pending")
+            raise TimeoutError(f"ModelMerge {name}: still {phase} after {timeout}s")
 
         return await asyncio.to_thread(wait)
 

@@ -125,6 +125,11 @@ def incompatibility(spec: ModelMergeSpec, parents: list[Parent]) -> str | None:
                 f"{spec.method.value} combines the adapters' matrices element-wise and needs "
                 f"equal LoRA ranks ({shown}): use svd, which merges adapters of any ranks"
             )
+    elif spec.format == MergeFormat.ADAPTER:
+        return (
+            f"{first.name} and the others are full fine-tunes: their merge is full weights, "
+            "not an adapter (leave spec.format out, or set it to full)"
+        )
     elif spec.method not in mm.FULL_METHODS:
         return (
             f"{spec.method.value} factors merged adapters, and these are full weights: use one "
@@ -144,8 +149,10 @@ def output_location(body: Obj, spec: ModelMergeSpec) -> VolumeLocation:
 
 
 def result_format(spec: ModelMergeSpec, parents: list[Parent]) -> MergeFormat:
-    """Full fine-tunes merge into full weights whatever the spec says."""
-    return spec.format if parents[0].weights == ADAPTER else MergeFormat.FULL
+    """Adapters stay an adapter unless asked; full fine-tunes give full weights."""
+    if parents[0].weights == ADAPTER:
+        return spec.format or MergeFormat.ADAPTER
+    return MergeFormat.FULL
 
 
 def merge_config(body: Obj, spec: ModelMergeSpec, parents: list[Parent]) -> mm.MergeConfig:
@@ -309,12 +316,14 @@ def desired_merged_model(
     fmt = result_format(spec, parents)
     kind = ADAPTER if fmt == MergeFormat.ADAPTER else (rm.ArtifactKind.MERGED if adapters else FULL)
     artifact = rm.Artifact(volume=output_location(body, spec), kind=kind, digest=report.digest)
-    method = parents[0].spec.method if fmt == MergeFormat.ADAPTER else FineTuningMethod.FULL
-    adapter = rm.AdapterSettings()
+    method, adapter = FineTuningMethod.FULL, rm.AdapterSettings()
     if fmt == MergeFormat.ADAPTER:
-        lora = parents[0].spec.adapter.lora or rm.LoraSettings()
+        # QLoRA parents' merge is still meant for their quantised base.
+        qlora = next((p for p in parents if p.spec.method == FineTuningMethod.QLORA), None)
+        method = FineTuningMethod.QLORA if qlora else FineTuningMethod.LORA
         adapter = rm.AdapterSettings(
-            lora=lora.model_copy(update={"rank": report.rank}) if report.rank else lora
+            lora=_merged_lora(parents, report),
+            quantization=qlora.spec.adapter.quantization if qlora else None,
         )
     lineage = rm.MergeLineage(
         method=spec.method,
@@ -362,6 +371,20 @@ def desired_merged_model(
         "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels},
         "spec": model_spec.to_api(),
     }
+
+
+def _merged_lora(parents: list[Parent], report: mm.MergeReport) -> rm.LoraSettings:
+    """The merged adapter's settings as the merge pod saved them (PEFT sets the new rank,
+    its alpha, and the union of the parents' target modules)."""
+    lora = parents[0].spec.adapter.lora or rm.LoraSettings()
+    update: dict = {}
+    if report.rank:
+        update["rank"] = report.rank
+    if report.lora_alpha is not None:
+        update["alpha"] = report.lora_alpha
+    if report.target_modules:
+        update["target_modules"] = sorted(report.target_modules)
+    return lora.model_copy(update=update)
 
 
 def made_by(model: Obj, uid: str) -> bool:

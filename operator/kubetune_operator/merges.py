@@ -98,6 +98,9 @@ def _advance(clients, settings, body, spec, status, conds) -> float:
     if model is not None and made_by(model, uid):
         _succeeded(status, conds, model)
         return RESYNC_SECONDS
+    if model is not None:  # said before any pod runs, not after
+        conds.set(c.REGISTERED, False, c.NAME_TAKEN, _name_taken(model_name))
+        return BLOCKED_SECONDS
     registered = {s.model: cache.get(rm.KIND, namespace, s.model) for s in spec.models}
     parents, missing, unreadable = resolve_parents(spec, registered)
     if missing:
@@ -165,15 +168,19 @@ def _advance(clients, settings, body, spec, status, conds) -> float:
         conds.set(c.REGISTERED, False, blocked.reason, blocked.message)
         return BLOCKED_SECONDS
     if not made_by(model, uid):
-        message = (
-            f"RegisteredModel {model_name} already records another model: delete it, or "
-            f"merge again under another spec.modelName; the merged weights stay at "
-            f"{desired['spec']['artifact']['volume']}"
-        )
+        where = desired["spec"]["artifact"]["volume"]
+        message = f"{_name_taken(model_name)}; the merged weights stay at {where}"
         conds.set(c.REGISTERED, False, c.NAME_TAKEN, message)
         return BLOCKED_SECONDS
     _succeeded(status, conds, model)
     return RESYNC_SECONDS
+
+
+def _name_taken(name: str) -> str:
+    return (
+        f"RegisteredModel {name} already records another model: delete it, or create the "
+        "merge again with another spec.modelName; the merge runs once the name is free"
+    )
 
 
 def _pod_of(pod: Obj, job: Obj) -> bool:

@@ -208,5 +208,9 @@ def _source_uid(model: dict) -> str | None:
 
 
 def _source_name(model: dict) -> str:
-    source = (model.get("spec") or {}).get("sourceJob") or {}
+    spec = model.get("spec") or {}
+    if spec.get("merge"):
+        source = spec["merge"].get("source") or {}
+        return f"ModelMerge {source.get('name', '?')} (uid {source.get('uid', '?')})"
+    source = spec.get("sourceJob") or {}
     return f"FineTuningJob {source.get('name', '?')} (uid {source.get('uid', '?')})"

@@ -116,6 +116,7 @@ def test_grid_search_over_the_learning_rate_then_merge_two_trials(
         return result.output
 
     shown = cli("get", "lr")
+    print(shown)  # the result table, as users see it
     assert f"{best} *" in shown and "hyperparameters.learningRate=" in shown
     assert "lr: Succeeded, trials 3/3" in cli("watch", "lr", "--timeout", "30")
     png = tmp_path / "sweep.png"

@@ -165,3 +165,17 @@ def test_a_failed_merge_says_why(kube: Kube, namespace: str) -> None:
     assert failed["reason"] == "InvalidConfig"
     assert failed["message"] == "the tokenizers of a and b differ"
     assert ft.condition(status, "Ready")["status"] == "False"
+
+
+def test_a_taken_model_name_is_said_before_any_pod_runs(kube: Kube, namespace: str) -> None:
+    for name in ("one", "two", "taken"):
+        create(kube, namespace, MODELS, registered(name))
+    create(kube, namespace, MERGES, merge("late", ["one", "two"], modelName="taken"))
+    status = wait_merge(
+        kube, namespace, "late", lambda s: ft.condition(s, "Registered"), "registration looked at"
+    )
+    taken = ft.condition(status, "Registered")
+    assert taken["status"] == "False" and taken["reason"] == "NameTaken"
+    assert "RegisteredModel taken already records another model" in taken["message"]
+    assert status["phase"] == "Pending"
+    assert kube.batch.list_namespaced_job(namespace).items == []

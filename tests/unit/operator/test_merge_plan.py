@@ -174,7 +174,12 @@ def test_merged_model_records_complete_lineage() -> None:
     body = merge_body(method="ties", density=0.4)
     spec, parents = parents_of(body, registered("alpha"), registered("beta"))
     report = mm.MergeReport(
-        kind="adapter", digest="sha256:" + "e" * 64, rank=8, completed_at=datetime.now(UTC)
+        kind="adapter",
+        digest="sha256:" + "e" * 64,
+        rank=8,
+        lora_alpha=8,
+        target_modules=["v_proj", "q_proj"],
+        completed_at=datetime.now(UTC),
     )
     model = desired_merged_model(body, spec, parents, report, "trainer:2")
     record = rm.RegisteredModelSpec.model_validate(model["spec"])
@@ -190,6 +195,9 @@ def test_merged_model_records_complete_lineage() -> None:
     assert record.artifact.kind == "adapter" and record.artifact.digest == report.digest
     assert record.artifact.volume.path == "out/blend-1234abcd"
     assert record.adapter.lora.rank == 8 and record.method.value == "LORA"
+    # As PEFT saved the merged adapter: alpha folded into the weights, the union of modules.
+    assert record.adapter.lora.alpha == 8
+    assert record.adapter.lora.target_modules == ["q_proj", "v_proj"]
     assert "--lora-modules blend=" in record.serving.vllm
     assert made_by(model, "1234abcd-0000") and not made_by(registered("alpha"), "1234abcd-0000")
 
@@ -216,6 +224,24 @@ def test_full_fine_tunes_always_merge_into_full_weights() -> None:
         naming.ANNOTATION_TRAINER_CONFIG
     ]
     assert json.loads(annotation)["format"] == "full"
+
+
+def test_full_fine_tunes_cannot_be_asked_for_an_adapter() -> None:
+    full = [registered(n, method="FULL", kind="full") for n in ("alpha", "beta")]
+    spec, parents = parents_of(merge_body(format="adapter"), *full)
+    assert "leave spec.format out, or set it to full" in incompatibility(spec, parents)
+
+
+def test_qlora_parents_merge_into_an_adapter_for_their_quantised_base() -> None:
+    body = merge_body()
+    qlora = registered("alpha", method="QLORA")
+    qlora["spec"]["adapter"]["quantization"] = {"bits": 4}
+    spec, parents = parents_of(body, qlora, registered("beta"))
+    report = mm.MergeReport(
+        kind="adapter", digest="sha256:" + "e" * 64, rank=8, completed_at=datetime.now(UTC)
+    )
+    record = desired_merged_model(body, spec, parents, report, "t")["spec"]
+    assert record["method"] == "QLORA" and record["adapter"]["quantization"]["bits"] == 4
 
 
 def test_a_merged_model_can_be_merged_again() -> None:
