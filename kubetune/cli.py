@@ -374,16 +374,24 @@ def get_command(name: str, **options: str | None) -> None:
 
 @main.command("list")
 @click.option("-l", "--selector", default=None, help="Label selector.")
+@click.option(
+    "-A", "--all-namespaces", is_flag=True, help="List the jobs of every namespace, as kubectl."
+)
 @cluster_options(output=True)
-def list_command(selector: str | None, **options: str | None) -> None:
-    """List FineTuningJobs in the namespace."""
+def list_command(selector: str | None, all_namespaces: bool, **options: str | None) -> None:
+    """List FineTuningJobs in the namespace (or, with -A, in all namespaces)."""
     cluster = _cluster(options)
     with _guard():
-        jobs = cluster.list_jobs(selector)
+        jobs = cluster.list_jobs(selector, all_namespaces=all_namespaces)
 
     def table() -> None:
         if not jobs:
-            click.echo(f"no FineTuningJobs in namespace {cluster.namespace}")
+            where = "any namespace" if all_namespaces else f"namespace {cluster.namespace}"
+            click.echo(f"no FineTuningJobs in {where}")
+            return
+        if all_namespaces:
+            rows = [[j["metadata"]["namespace"], *_job_row(j)] for j in jobs]
+            _columns([["NAMESPACE", *_JOB_HEADER], *rows])
             return
         _columns([_JOB_HEADER, *(_job_row(j) for j in jobs)])
 

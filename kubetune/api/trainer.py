@@ -39,6 +39,9 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATASET, EXIT_INPU
 
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX_BYTES = 4096
+# The trainer's log, kept in the job's folder of the output volume: the pod's own log
+# goes with the finished Job, the volume stays.
+TRAINER_LOG_FILE = "trainer.log"
 
 REPORT_PROGRESS_KEY = "progress"
 REPORT_VALIDATION_KEY = "validation"

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kubetune.api import GROUP, VERSION, FineTuningJob
+from kubetune.api import GROUP, VERSION, FineTuningJob, FineTuningJobSpec
+from kubetune.api.trainer import TRAINER_LOG_FILE
 
 JOBS = "finetuningjobs"
 MODELS = "registeredmodels"
@@ -131,8 +132,19 @@ class Cluster:
             name,
         )
 
-    def list_jobs(self, label_selector: str | None = None) -> list[dict[str, Any]]:
+    def list_jobs(
+        self, label_selector: str | None = None, all_namespaces: bool = False
+    ) -> list[dict[str, Any]]:
         kwargs = {"label_selector": label_selector} if label_selector else {}
+        if all_namespaces:
+            return self._call(
+                "listing FineTuningJobs in all namespaces",
+                self.custom.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                JOBS,
+                **kwargs,
+            )["items"]
         return self._call(
             f"listing FineTuningJobs in namespace {self.namespace}",
             self.custom.list_namespaced_custom_object,
@@ -330,10 +342,10 @@ class Cluster:
 
     def logs(self, name: str, tail: int | None = None) -> tuple[str, str]:
         """(pod name, log text) of the job's latest trainer pod (else its validator)."""
-        self.get_job(name)
+        job = self.get_job(name)
         pods = self.trainer_pods(name)
         if not pods:
-            raise NotFound(f"FineTuningJob {name!r} has no trainer pod yet")
+            raise NotFound(_no_pod(job))
         pod = pods[0]
         kwargs = {"tail_lines": tail} if tail else {}
         text = self._call(
@@ -367,3 +379,28 @@ class Cluster:
             MODELS,
             name,
         )
+
+
+def _no_pod(job: dict[str, Any]) -> str:
+    """Why a job has no pod to show the log of, and where its log is kept once it ended."""
+    meta, status = job["metadata"], job.get("status") or {}
+    phase = status.get("phase", "Pending")
+    if phase not in TERMINAL_PHASES:
+        return f"FineTuningJob {meta['name']!r} has no trainer pod yet (phase {phase})"
+    message = (
+        f"FineTuningJob {meta['name']!r} ended ({phase}) and its pods are gone: a finished "
+        "Job is removed with its pods after the operator's finished-job TTL."
+    )
+    try:
+        output = FineTuningJobSpec.model_validate(job["spec"]).output
+        where = output.job_location(meta["name"], meta["uid"])
+        message += (
+            f" The trainer's log is kept on the output volume: claim {where.claim_name}, "
+            f"path {where.path}/{TRAINER_LOG_FILE} (beside metrics.json and the model)."
+        )
+    except (KeyError, ValueError):
+        pass
+    failure = status.get("failure") or {}
+    if failure:
+        message += f" It failed: {failure.get('reason', '')}: {failure.get('message', '')}"
+    return message

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kubetune.cli import main
 from tests.support import finetuning as ft
-from tests.support.kube import Kube
+from tests.support.kube import Kube, wait_gone
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -54,6 +54,35 @@ def test_train_watch_get_list_models(kube: Kube, namespace: str, cli, tmp_path) 
     assert [
         j["metadata"]["name"] for j in json.loads(cli("list", "-o", "json").output)["items"]
     ] == ["support-bot"]
+
+    result = cli("list", "-A")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split()[:2] == ["NAMESPACE", "NAME"]
+    assert any(
+        line.split()[:2] == [namespace, "support-bot"] for line in result.output.splitlines()
+    )
+    everywhere = json.loads(cli("list", "--all-namespaces", "-o", "json").output)["items"]
+    assert {(j["metadata"]["namespace"], j["metadata"]["name"]) for j in everywhere} >= {
+        (namespace, "support-bot")
+    }
+
+    # Once the finished Job's pods are gone (its TTL), `logs` says where the log is kept.
+    pods = kube.core.list_namespaced_pod(
+        namespace, label_selector="kubetune.dev/job-name=support-bot"
+    )
+    for pod in pods.items:
+        kube.core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)
+    wait_gone(
+        kube.core.list_namespaced_pod,
+        namespace=namespace,
+        label_selector="kubetune.dev/job-name=support-bot",
+        timeout=ft.TIMEOUT,
+    )
+    result = cli("logs", "support-bot")
+    assert result.exit_code == 1
+    assert "ended (Succeeded) and its pods are gone" in result.output
+    uid = ft.get(kube, namespace, "support-bot")["metadata"]["uid"].split("-")[0]
+    assert f"claim models, path out/support-bot-{uid}/trainer.log" in result.output
 
     result = cli("models")
     assert result.exit_code == 0, result.output

@@ -40,7 +40,7 @@ from kubetune_trainer.errors import Interrupted
 from kubetune_trainer.evaluation import REPORT_FILE, evaluate_models
 from kubetune_trainer.evaluation_set import load_evaluation_set
 from kubetune_trainer.preparation import prepare_dataset
-from kubetune_trainer.reporting import Reporter, now
+from kubetune_trainer.reporting import Reporter, keep_log, now
 from kubetune_trainer.training import build_trainer, sft_arguments
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def run(
     # Read and checked in the validation pod too: a bad evaluation set costs no GPU time.
     evaluation_set = load_evaluation_set(config, tokenizer, data.eval_records, data.shape)
     reporter.validation(data.report)
+    if mode == TrainerMode.TRAIN and processes.is_main:
+        keep_log(Path(config.paths.output))  # the validation pod's output is read-only
     for line in data.report.steps:
         log.info("dataset: %s", line)
     if mode == TrainerMode.VALIDATE:

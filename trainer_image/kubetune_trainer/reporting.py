@@ -23,6 +23,7 @@ from kubetune.api.trainer import (
     REPORTS_PATH,
     TERMINATION_MESSAGE_MAX_BYTES,
     TERMINATION_MESSAGE_PATH,
+    TRAINER_LOG_FILE,
     ErrorReport,
     ProgressReport,
     ReportEndpoint,
@@ -172,3 +173,21 @@ def _shorten(termination: TrainerTermination) -> str:
         termination.result.hyperparameters = None  # the endpoint got them with the result
         document = termination.model_dump_json(by_alias=True, exclude_none=True)
     return document
+
+
+def keep_log(output: Path) -> Path:
+    """Copy the trainer's log to the output volume as well: the pod and its log go with
+    the finished Job (its TTL), the volume stays. Appends, so a retried or resumed run
+    adds to the same file. One such file per process: a later run's replaces it."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / TRAINER_LOG_FILE
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "kubetune_log", False)]:
+        root.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.kubetune_log = True
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return path

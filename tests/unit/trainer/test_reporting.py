@@ -55,3 +55,23 @@ def test_reports_go_to_the_operator_with_the_pods_current_token(tmp_path) -> Non
         ("/v1/reports/team-a/run-1", "Bearer renewed-token"),
     ]
     assert received[1][2]["progress"]["step"] == 4
+
+
+def test_the_log_is_kept_on_the_output_volume_once_per_process(tmp_path) -> None:
+    import logging
+
+    from kubetune_trainer.reporting import keep_log
+
+    first = keep_log(tmp_path / "first")
+    logging.getLogger("kubetune_trainer").warning("step one")
+    second = keep_log(tmp_path / "second")  # a later run's log replaces the first's
+    logging.getLogger("kubetune_trainer").warning("step two")
+    try:
+        assert "step one" in first.read_text() and "step two" not in first.read_text()
+        assert "step two" in second.read_text() and second.name == "trainer.log"
+        kept = [h for h in logging.getLogger().handlers if getattr(h, "kubetune_log", False)]
+        assert len(kept) == 1
+    finally:
+        for handler in kept:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
