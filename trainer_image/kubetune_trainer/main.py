@@ -21,7 +21,11 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM, after a checkpoint was saved
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetune_trainer", description=__doc__)
-    parser.add_argument("--config", required=True, help="TrainerConfig (--mode merge: MergeConfig) file, JSON or YAML.")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="TrainerConfig (--mode merge: MergeConfig) file, JSON or YAML.",
+    )
     parser.add_argument(
         "--mode", choices=[m.value for m in TrainerMode], default=TrainerMode.TRAIN.value
     )

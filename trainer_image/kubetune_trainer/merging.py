@@ -19,18 +19,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from peft.utils import merge_utils
 from pydantic import ValidationError
 
-from kubetune.api.merge import (
-    ADAPTER_METHODS,
-    DENSITY_METHODS,
-    EQUAL_RANK_METHODS,
-    FULL_METHODS,
-    MergeConfig,
-    MergeFormat,
-    MergeMethod,
-    MergeReport,
-)
+from kubetune.api import merge as mm
+from kubetune.api.merge import MergeConfig, MergeFormat, MergeMethod, MergeParent
 from kubetune.api.trainer import TrainerTermination
 from kubetune_trainer import modeling
 from kubetune_trainer.config import format_validation_error
@@ -41,13 +34,23 @@ from kubetune_trainer.reporting import now
 log = logging.getLogger(__name__)
 
 DEFAULT_DENSITY = 0.5
-# The merged adapter's name: PEFT saves the adapter named "default" at the folder's top,
-# where PeftModel.from_pretrained looks, and any other name in a sub-folder.
+# PEFT saves the adapter named "default" at the folder's top, where from_pretrained
+# looks, and an adapter of any other name in a sub-folder.
 MERGED = "default"
 COLINEAR = 0.9995  # |cos| above which SLERP takes the straight line
-FULL_KINDS = ("full", "merged")  # merged: a LoRA fine-tune folded into full weights
-# What a full model's folder holds besides its weights, copied from the first parent.
+FULL_KINDS = ("full", "merged")  # merged: a LoRA fine-tune already folded into full weights
+# A full model's folder besides its weights, copied from the first parent (whose dtypes
+# the merge keeps).
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+# Task-vector merges of full weights: (task vectors, weights, density, sign method) -> delta.
+TASK_VECTOR_MERGES = {
+    MergeMethod.LINEAR: lambda tasks, w, _density, _sign: merge_utils.task_arithmetic(tasks, w),
+    MergeMethod.TIES: merge_utils.ties,
+    MergeMethod.DARE_LINEAR: lambda tasks, w, density, _sign: merge_utils.dare_linear(
+        tasks, w, density
+    ),
+    MergeMethod.DARE_TIES: merge_utils.dare_ties,
+}
 
 
 def load_config(path: str | Path) -> MergeConfig:
@@ -62,28 +65,35 @@ def load_config(path: str | Path) -> MergeConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
         raise InvalidConfig(f"merge config {path} cannot be read: {err}") from err
     except ValidationError as err:
-        raise InvalidConfig(
-            f"merge config {path} is invalid:\n{format_validation_error(err)}"
-        ) from err
+        message = f"merge config {path} is invalid:\n{format_validation_error(err)}"
+        raise InvalidConfig(message) from err
 
 
 def run(config: MergeConfig) -> TrainerTermination:
     """Check the parents, merge them into config.output, and report what was written."""
-    kind, _lora_configs = check_parents(config)
+    kind = check_parents(config)
     tokenizer = check_tokenizers(config)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)  # DARE drops changes at random: the same merge, the same weights
+    lora = {}
     if kind == "adapter":
-        rank, changed = merge_adapters(config, tokenizer, output)
+        merged, changed = merge_adapters(config, tokenizer, output)
         kind = "adapter" if config.format == MergeFormat.ADAPTER else "full"
+        lora = {"rank": merged.r}
+        if kind == "adapter":  # what the saved adapter says, for its RegisteredModel
+            modules = merged.target_modules
+            lora |= {
+                "lora_alpha": int(merged.lora_alpha),
+                "target_modules": sorted(modules) if not isinstance(modules, str) else None,
+            }
     else:
-        rank, changed = None, merge_full(config, tokenizer, output)
+        changed = merge_full(config, tokenizer, output)
     digest = weights_digest(output)
-    write_model_card(config, kind, rank, output, digest)
-    log.info("merged %d models with %s into %s (%s)", len(config.parents), config.method, output, digest)
-    report = MergeReport(
-        kind=kind, digest=digest, rank=rank, parameters_changed=changed, completed_at=now()
+    write_model_card(config, kind, lora.get("rank"), output, digest)
+    log.info("merged %s with %s into %s (%s)", config.name, config.method, output, digest)
+    report = mm.MergeReport(
+        kind=kind, digest=digest, parameters_changed=changed, completed_at=now(), **lora
     )
     return TrainerTermination(merge=report)
 
@@ -91,70 +101,69 @@ def run(config: MergeConfig) -> TrainerTermination:
 # --- checks --------------------------------------------------------------------------
 
 
-def check_parents(config: MergeConfig) -> tuple[str, list]:
-    """Whether the parents are adapters or full weights (and their LoRA configs): each is
-    where and what its RegisteredModel says, and the method can combine them."""
-    from peft import PeftConfig, PeftType
-
+def check_parents(config: MergeConfig) -> str:
+    """adapter or full: each parent is where and what its RegisteredModel says, and the
+    method can combine them."""
     if not config.parents:
         raise InvalidConfig("a merge needs at least one model")
-    kinds, lora_configs = set(), []
-    for parent in config.parents:
-        folder = Path(parent.path)
-        if not folder.is_dir():
-            raise InputNotFound(f"the weights of {parent.name} are not at {folder}")
-        try:
-            digest = weights_digest(folder)
-        except RuntimeError as err:
-            raise InputNotFound(f"the weights of {parent.name}: {err}") from err
-        if digest != parent.digest:
-            raise InvalidConfig(
-                f"the weights of {parent.name} changed since they were registered "
-                f"(digest {digest}, registered {parent.digest})"
-            )
-        is_adapter = (folder / "adapter_config.json").is_file()
-        if parent.kind == "adapter" and is_adapter:
-            lora = PeftConfig.from_pretrained(folder)
-            if lora.peft_type != PeftType.LORA:
-                raise InvalidConfig(
-                    f"{parent.name} is a {lora.peft_type.value} adapter: only LoRA adapters "
-                    "can be merged"
-                )
-            if lora.use_dora or lora.use_rslora:  # add_weighted_adapter ignores both
-                raise InvalidConfig(f"{parent.name} is a DoRA or rsLoRA adapter: PEFT cannot merge it")
-            lora_configs.append(lora)
-        elif parent.kind not in FULL_KINDS or is_adapter:
-            raise InvalidConfig(
-                f"{parent.name} is registered as {parent.kind!r} but {folder} holds "
-                f"{'an adapter' if is_adapter else 'full weights'}"
-            )
-        kinds.add("adapter" if parent.kind == "adapter" else "full")
-    if len(kinds) > 1:
+    loras = [check_parent(parent) for parent in config.parents]
+    if len({lora is None for lora in loras}) > 1:
         raise InvalidConfig(
-            "LoRA adapters and full fine-tunes cannot be merged together: merge the adapters "
-            "into full weights first (format full), then merge those"
+            "LoRA adapters and full fine-tunes cannot be merged together: fold the adapters "
+            "into full weights first (a merge with format full), then merge those"
         )
-    kind = kinds.pop()
-    allowed = ADAPTER_METHODS if kind == "adapter" else FULL_METHODS
+    kind, allowed = (
+        ("LoRA adapters", mm.ADAPTER_METHODS) if loras[0] else ("full fine-tunes", mm.FULL_METHODS)
+    )
     if config.method not in allowed:
-        raise InvalidConfig(
-            f"method {config.method} cannot merge {'LoRA adapters' if kind == 'adapter' else 'full fine-tunes'}: "
-            f"use one of {', '.join(allowed)}"
-        )
+        raise InvalidConfig(f"method {config.method} cannot merge {kind}: use {', '.join(allowed)}")
     weights = [p.weight for p in config.parents]
     if config.method == MergeMethod.SLERP and (
         len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0
     ):
-        raise InvalidConfig("slerp interpolates between two models with non-negative weights")
-    if config.method in EQUAL_RANK_METHODS and kind == "adapter":
-        ranks = {(c.r, tuple(sorted((c.rank_pattern or {}).items()))) for c in lora_configs}
-        if len(ranks) > 1:
-            listed = ", ".join(f"{p.name} r={c.r}" for p, c in zip(config.parents, lora_configs))
-            raise InvalidConfig(
-                f"method {config.method} combines the adapters' LoRA matrices element by element "
-                f"and needs equal ranks, but {listed}: use svd, or adapters of one rank"
-            )
-    return kind, lora_configs
+        raise InvalidConfig("slerp interpolates between two models, with non-negative weights")
+    ranks = {(c.r, tuple(sorted(c.rank_pattern.items()))) for c in loras if c is not None}
+    if config.method in mm.EQUAL_RANK_METHODS and len(ranks) > 1:
+        listed = ", ".join(f"{p.name} r={c.r}" for p, c in zip(config.parents, loras, strict=True))
+        raise InvalidConfig(
+            f"method {config.method} combines the adapters' LoRA matrices element by element "
+            f"and needs equal ranks, but {listed}: use svd, or adapters of one rank"
+        )
+    return "adapter" if loras[0] else "full"
+
+
+def check_parent(parent: MergeParent):
+    """The parent's LoraConfig (None for full weights), once its weights are checked."""
+    from peft import PeftConfig, PeftType
+
+    folder = Path(parent.path)
+    if not folder.is_dir():
+        raise InputNotFound(f"the weights of {parent.name} are not at {folder}")
+    try:
+        digest = weights_digest(folder)
+    except RuntimeError as err:
+        raise InputNotFound(f"the weights of {parent.name}: {err}") from err
+    if digest != parent.digest:
+        raise InvalidConfig(
+            f"the weights of {parent.name} changed since they were registered "
+            f"(digest {digest}, registered {parent.digest})"
+        )
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if parent.kind not in ("adapter", *FULL_KINDS) or is_adapter != (parent.kind == "adapter"):
+        held = "an adapter" if is_adapter else "full weights"
+        raise InvalidConfig(
+            f"{parent.name} is registered as {parent.kind!r} but {folder} holds {held}"
+        )
+    if not is_adapter:
+        return None
+    lora = PeftConfig.from_pretrained(folder)
+    if lora.peft_type != PeftType.LORA:
+        raise InvalidConfig(
+            f"{parent.name} is a {lora.peft_type.value} adapter: only LoRA adapters can be merged"
+        )
+    if lora.use_dora or lora.use_rslora:  # add_weighted_adapter would get both wrong
+        raise InvalidConfig(f"{parent.name} is a DoRA or rsLoRA adapter: PEFT cannot merge it")
+    return lora
 
 
 def base_source(config: MergeConfig) -> modeling.ModelSource:
@@ -171,34 +180,40 @@ def base_source(config: MergeConfig) -> modeling.ModelSource:
 
 
 def check_tokenizers(config: MergeConfig):
-    """The tokenizer saved with the merge: the first parent's, else the base's. Tokens must
-    mean the same to every parent: one vocabulary for them all and the base."""
+    """The tokenizer saved with the merge: the first parent's, else the base's. A token
+    must mean the same to every parent: one vocabulary for them all and the base."""
     from transformers import AutoTokenizer
 
-    named = []
-    for parent in config.parents:
-        folder = Path(parent.path)
-        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-            named.append((parent.name, AutoTokenizer.from_pretrained(folder)))
+    named = [
+        (p.name, AutoTokenizer.from_pretrained(p.path))
+        for p in config.parents
+        if any((Path(p.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    ]
     named.append(("the base model", modeling.load_tokenizer(base_source(config))))
-    # Each against the first one: the first parent's that has one (or the base's).
     (first, reference), vocabulary = named[0], named[0][1].get_vocab()
     for name, tokenizer in named[1:]:
         if tokenizer.get_vocab() != vocabulary:
             raise InvalidConfig(
-                f"{first} and {name} have different vocabularies: models with "
-                "different tokenizers cannot be merged"
+                f"{first} and {name} have different vocabularies: models with different "
+                "tokenizers cannot be merged"
             )
     return reference
+
+
+def density(config: MergeConfig) -> float | None:
+    if config.method not in mm.DENSITY_METHODS:
+        return None
+    return config.density if config.density is not None else DEFAULT_DENSITY
 
 
 # --- LoRA adapters -------------------------------------------------------------------
 
 
-def merge_adapters(config: MergeConfig, tokenizer, output: Path) -> tuple[int, float | None]:
-    """PEFT's weighted adapter over the float32 base; the merged adapter's rank, and for
-    format full the fraction of the base's parameters it changed."""
+def merge_adapters(config: MergeConfig, tokenizer, output: Path):
+    """PEFT's weighted adapter over the float32 base; the merged adapter's LoraConfig, and
+    for format full the fraction of the base's parameters it changed."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     source = base_source(config)
@@ -211,7 +226,7 @@ def merge_adapters(config: MergeConfig, tokenizer, output: Path) -> tuple[int, f
     total = sum(p.numel() for p in base.parameters())
     names = [f"parent{i}" for i in range(len(config.parents))]
     model = PeftModel.from_pretrained(base, config.parents[0].path, adapter_name=names[0])
-    for name, parent in zip(names[1:], config.parents[1:]):
+    for name, parent in zip(names[1:], config.parents[1:], strict=True):
         model.load_adapter(parent.path, adapter_name=name)
     try:  # our method names are PEFT's combination types
         model.add_weighted_adapter(
@@ -224,42 +239,24 @@ def merge_adapters(config: MergeConfig, tokenizer, output: Path) -> tuple[int, f
             majority_sign_method=config.majority_sign_method.value,
         )
     except ValueError as err:
-        raise InvalidConfig(f"PEFT cannot merge these adapters with {config.method}: {err}") from err
+        message = f"PEFT cannot merge these adapters with {config.method}: {err}"
+        raise InvalidConfig(message) from err
     model.set_adapter(MERGED)
     for name in names:
         model.delete_adapter(name)
     merged = model.peft_config[MERGED]
-    # It starts as a copy of the first parent's config, which names the base as the
-    # training pod saw it; name it as this merge loaded it.
-    merged.base_model_name_or_path = config.base_model
-    merged.revision = source.revision
+    # A copy of the first parent's config, naming the base as its training pod saw it.
+    merged.base_model_name_or_path, merged.revision = config.base_model, source.revision
     if config.format == MergeFormat.ADAPTER:
         save_model(model, tokenizer, output)
-        return merged.r, None
-    changed = changed_by_adapter(model) / total
+        return merged, None
+    changed = 0  # folding in adds each layer's delta to its weight, as counted here
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and MERGED in (*layer.lora_A, *layer.lora_embedding_A):
+            weight = layer.get_base_layer().weight
+            changed += int((weight + layer.get_delta_weight(MERGED) != weight).sum())
     save_model(model.merge_and_unload(), tokenizer, output)
-    return merged.r, changed
-
-
-def changed_by_adapter(model) -> int:
-    """How many base weights folding the merged adapter in changes (merging adds each
-    layer's delta the same way)."""
-    from peft.tuners.lora import LoraLayer
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and (
-            MERGED in module.lora_A or MERGED in module.lora_embedding_A
-        ):
-            weight = module.get_base_layer().weight
-            changed += int((weight + module.get_delta_weight(MERGED) != weight).sum())
-    return changed
-
-
-def density(config: MergeConfig) -> float | None:
-    if config.method not in DENSITY_METHODS:
-        return None
-    return config.density if config.density is not None else DEFAULT_DENSITY
+    return merged, changed / total
 
 
 # --- full weights --------------------------------------------------------------------
@@ -271,23 +268,19 @@ class Weights:
     def __init__(self, folder: Path, name: str) -> None:
         from safetensors import safe_open
 
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = sorted(p.name for p in folder.glob("*.safetensors"))  # one, or the shards
         if not files:
             raise InvalidConfig(f"{name} has no safetensors weights in {folder}")
         self.name, self.folder = name, folder
-        self.handles = {file: safe_open(folder / file, framework="pt") for file in files}
-        self.where = {key: file for file, h in self.handles.items() for key in h.keys()}
+        self.files = {file: safe_open(folder / file, framework="pt") for file in files}
+        self.where = {key: file for file, handle in self.files.items() for key in handle.keys()}  # noqa: SIM118
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.where[key]].get_tensor(key)
+        return self.files[self.where[key]].get_tensor(key)
 
 
 def base_folder(config: MergeConfig) -> Path:
-    """The base model's files; from the Hub (into the cache) when it is not a folder."""
+    """The base model's files: its folder, or its Hub snapshot (into the cache)."""
     source = base_source(config)
     if Path(source.name_or_path).is_dir():
         return Path(source.name_or_path)
@@ -315,8 +308,7 @@ def merge_full(config: MergeConfig, tokenizer, output: Path) -> float:
     base = Weights(base_folder(config), "the base model")
     parents = [Weights(Path(p.path), p.name) for p in config.parents]
     for other in (base, *parents[1:]):
-        if other.where.keys() != parents[0].where.keys():
-            differ = sorted(other.where.keys() ^ parents[0].where.keys())
+        if differ := sorted(other.where.keys() ^ parents[0].where.keys()):
             raise InvalidConfig(
                 f"{other.name} and {parents[0].name} hold different tensors "
                 f"({', '.join(differ[:3])}...): they are not one architecture"
@@ -326,16 +318,15 @@ def merge_full(config: MergeConfig, tokenizer, output: Path) -> float:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     changed = total = 0
-    for file, handle in parents[0].handles.items():
+    for file, handle in parents[0].files.items():  # one shard of the result at a time
         merged = {}
         for key in sorted(handle.keys()):  # sorted: DARE draws in the same order each time
             original, tensors = base.get(key), [p.get(key) for p in parents]
-            for weights_of, tensor in zip((base, *parents), (original, *tensors)):
-                if tensor.shape != original.shape:
-                    raise InvalidConfig(
-                        f"{key} has shape {list(tensor.shape)} in {weights_of.name} but "
-                        f"{list(original.shape)} in the base model"
-                    )
+            if any(tensor.shape != original.shape for tensor in tensors):
+                shapes = ", ".join(
+                    f"{list(t.shape)} in {p.name}" for t, p in zip(tensors, parents, strict=True)
+                )
+                raise InvalidConfig(f"{key} is {list(original.shape)} in the base model, {shapes}")
             if tensors[0].is_floating_point():
                 value = combine(config, original.float(), [t.float() for t in tensors], weights)
                 value = value.to(tensors[0].dtype)
@@ -345,7 +336,6 @@ def merge_full(config: MergeConfig, tokenizer, output: Path) -> float:
             total += value.numel()
             merged[key] = value.contiguous()
         save_file(merged, partial / file, metadata={"format": "pt"})
-        del merged  # one shard of the result at a time
     for name in MODEL_FILES:
         if (parents[0].folder / name).is_file():
             shutil.copy(parents[0].folder / name, partial / name)
@@ -357,22 +347,12 @@ def merge_full(config: MergeConfig, tokenizer, output: Path) -> float:
 
 def combine(config: MergeConfig, base, tensors: list, weights: torch.Tensor):
     """One tensor of the merged model: the base plus the combined task vectors, or SLERP."""
-    from peft.utils import merge_utils
-
     if config.method == MergeMethod.SLERP:
         first, second = weights.tolist()
         return slerp(second / (first + second), tensors[0], tensors[1])
     tasks = [tensor - base for tensor in tensors]
-    sign, kept = config.majority_sign_method.value, density(config)
-    if config.method == MergeMethod.LINEAR:
-        delta = merge_utils.task_arithmetic(tasks, weights)
-    elif config.method == MergeMethod.TIES:
-        delta = merge_utils.ties(tasks, weights, kept, sign)
-    elif config.method == MergeMethod.DARE_LINEAR:
-        delta = merge_utils.dare_linear(tasks, weights, kept)
-    else:
-        delta = merge_utils.dare_ties(tasks, weights, kept, sign)
-    return base + delta
+    merge = TASK_VECTOR_MERGES[config.method]
+    return base + merge(tasks, weights, density(config), config.majority_sign_method.value)
 
 
 def slerp(t: float, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -386,8 +366,7 @@ def slerp(t: float, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     if abs(cos) > COLINEAR:
         return (1 - t) * first + t * second
     angle = torch.arccos(torch.tensor(cos, dtype=torch.float64))
-    sin = torch.sin(angle)
-    mixed = torch.sin((1 - t) * angle) / sin * a + torch.sin(t * angle) / sin * b
+    mixed = (torch.sin((1 - t) * angle) * a + torch.sin(t * angle) * b) / torch.sin(angle)
     return mixed.reshape(first.shape).to(first.dtype)
 
 
@@ -395,13 +374,14 @@ def slerp(t: float, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def write_model_card(config: MergeConfig, kind: str, rank: int | None, folder: Path, digest: str):
-    settings = {}
-    if config.method in DENSITY_METHODS:
-        settings["density"] = density(config)
-    if config.method in (MergeMethod.TIES, MergeMethod.DARE_TIES):
-        settings["majority_sign_method"] = config.majority_sign_method.value
-    if config.method == MergeMethod.SVD:
-        settings["svd_rank"] = rank
+    sign = config.majority_sign_method.value
+    settings = {
+        "density": density(config),
+        "majority_sign_method": sign if config.method in ("ties", "dare_ties") else None,
+        "svd_rank": rank if config.method == MergeMethod.SVD else None,
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    parents = [{"name": p.name, "weight": p.weight, "digest": p.digest} for p in config.parents]
     metadata = {
         "base_model": config.base_model,
         "base_model_revision": config.base_revision,
@@ -413,17 +393,14 @@ def write_model_card(config: MergeConfig, kind: str, rank: int | None, folder: P
             "method": config.method.value,
             **settings,
             "kind": kind,
-            "parents": [
-                {"name": p.name, "weight": p.weight, "digest": p.digest} for p in config.parents
-            ],
+            "parents": parents,
             "weights_digest": digest,
         },
     }
     details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in settings.items())
     body = (
-        f"# {config.name}\n\n"
-        f"Merged from {', '.join(f'`{p.name}`' for p in config.parents)} with "
-        f"{config.method.value}{details}; weights "
+        f"# {config.name}\n\nMerged from {', '.join(f'`{p.name}`' for p in config.parents)} "
+        f"with {config.method.value}{details}; weights "
         f"{', '.join(f'{p.weight:g}' for p in config.parents)}. "
         f"{'A LoRA adapter' if kind == 'adapter' else 'Full weights'} of `{config.base_model}`, "
         f"by kubetune (ModelMerge `{config.namespace}/{config.name}`).\n"

@@ -131,9 +131,10 @@ def test_adapters_linear_is_peft_combination_and_loads(tiny_model_dir, tmp_path,
     weights = [0.7, -0.4]
     report, out = merge(tiny_model_dir, tmp_path, parents, [("a", 0.7), ("b", -0.4)], "linear")
     assert report.kind == "adapter" and report.rank == 4 and report.parameters_changed is None
+    assert report.lora_alpha == 4 and report.target_modules == sorted(TARGETS)
     assert report.digest == weights_digest(out)
     expected_a, expected_b = 0, 0
-    for name, weight in zip(("a", "b"), weights):
+    for name, weight in zip(("a", "b"), weights, strict=True):
         a, b, scaling = lora(parents[name])
         s = weight * scaling
         expected_a = expected_a + math.copysign(math.sqrt(abs(s)), s) * a
@@ -188,7 +189,7 @@ def test_adapters_ties_as_full_weights(tiny_model_dir, tmp_path, parents):
     )
     assert report.kind == "full" and report.rank == 4
     pieces = [lora(parents[name]) for name in ("a", "b")]
-    split = [math.sqrt(w * s) for w, (_a, _b, s) in zip(weights, pieces)]
+    split = [math.sqrt(w * s) for w, (_a, _b, s) in zip(weights, pieces, strict=True)]
     merged_a = ties_reference([a for a, _b, _s in pieces], split, density)
     merged_b = ties_reference([b for _a, b, _s in pieces], split, density)
     base = load_file(tiny_model_dir / "model.safetensors")
@@ -250,7 +251,7 @@ def reference_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_full_slerp_endpoints_and_midpoint(tiny_model_dir, tmp_path, parents):
     f1, f2 = (load_file(parents[n] / "model.safetensors") for n in ("f1", "f2"))
     for weights, expected in (((1.0, 0.0), f1), ((0.0, 1.0), f2)):
-        models = list(zip(("f1", "f2"), weights))
+        models = list(zip(("f1", "f2"), weights, strict=True))
         merge(tiny_model_dir, tmp_path / str(weights), parents, models, "slerp")
         saved = load_file(tmp_path / str(weights) / "out" / "model.safetensors")
         assert all(torch.equal(saved[key], expected[key]) for key in expected)
@@ -306,7 +307,10 @@ def test_refuses_other_tokenizers_and_adapters(tiny_model_dir, tmp_path, parents
     with pytest.raises(InvalidConfig, match=match):
         merging.run(
             config_for(
-                tiny_model_dir, tmp_path / "out", [("a", parents["a"], 1), ("other", other, 1)], "svd"
+                tiny_model_dir,
+                tmp_path / "out",
+                [("a", parents["a"], 1), ("other", other, 1)],
+                "svd",
             )
         )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -325,7 +329,10 @@ def test_refuses_other_tokenizers_and_adapters(tiny_model_dir, tmp_path, parents
 
 def test_main_writes_the_termination_message(tiny_model_dir, tmp_path, parents):
     config = config_for(
-        tiny_model_dir, tmp_path / "out", [("a", parents["a"], 1.0), ("b", parents["b"], 1.0)], "ties"
+        tiny_model_dir,
+        tmp_path / "out",
+        [("a", parents["a"], 1.0), ("b", parents["b"], 1.0)],
+        "ties",
     )
     good = tmp_path / "merge.yaml"
     good.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
