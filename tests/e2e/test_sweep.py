@@ -19,7 +19,7 @@ from kubetune.dev.cluster import LocalCluster
 from kubetune.fine_tuning import ModelFineTuner
 from tests.e2e.test_training import manifest
 from tests.support import finetuning as ft
-from tests.support.kube import Kube, wait_for
+from tests.support.kube import Kube
 
 TIMEOUT = 420
 
@@ -108,9 +108,9 @@ def test_grid_search_over_the_learning_rate_then_merge_two_trials(
     conditions = {c["type"]: c["status"] for c in done["conditions"]}
     assert conditions == {"Complete": "True", "Failed": "False"}
 
-    def cli(*args: str) -> str:
+    def cli(*args: str, command: tuple[str, ...] = ("sweep",)) -> str:
         result = CliRunner().invoke(
-            cli_main, ["--kubeconfig", str(kube.kubeconfig), "-n", ns, "sweep", *args]
+            cli_main, ["--kubeconfig", str(kube.kubeconfig), "-n", ns, *command, *args]
         )
         assert result.exit_code == 0, result.output
         return result.output
@@ -123,10 +123,10 @@ def test_grid_search_over_the_learning_rate_then_merge_two_trials(
     cli("plot", "lr", "-o", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    merge_two_trials(kube, ns, data_root, by_name)
+    merge_two_trials(kube, ns, data_root, by_name, tuner, cli)
 
 
-def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict) -> None:
+def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict, tuner, cli) -> None:
     """A TIES merge of two trials' adapters: the merge pod checks their digests and
     tokenizers, writes one adapter, and the operator registers it with its lineage."""
     body = {
@@ -141,14 +141,8 @@ def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict) -> None
             "resources": {"cpu": "1", "memory": "2Gi"},
         },
     }
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "modelmerges", body)
-    merged = wait_for(
-        ft.lister(kube, ns, "modelmerges"),
-        lambda m: (m.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
-        field_selector="metadata.name=blend",
-        timeout=TIMEOUT,
-        describe="merge finished",
-    )["status"]
+    assert asyncio.run(tuner.create_model_merge(body)) == "blend"
+    merged = asyncio.run(tuner.wait_for_merge("blend", timeout=TIMEOUT))["status"]
     assert merged["phase"] == "Succeeded", merged
     model = kube.custom.get_namespaced_custom_object(
         GROUP, VERSION, ns, "registeredmodels", merged["registeredModel"]
@@ -172,3 +166,7 @@ def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict) -> None
     base = AutoModelForCausalLM.from_pretrained(data_root / "models" / "tiny-llama")
     adapter = PeftModel.from_pretrained(base, folder)
     assert adapter.peft_config["default"].r == models["lr-t0"]["spec"]["adapter"]["lora"]["rank"]
+
+    shown = cli("merge", "get", "blend", command=())
+    print(shown)
+    assert "Succeeded" in shown and "lr-t0" in shown and "lr-t1" in shown
