@@ -124,6 +124,10 @@ def test_grid_search_over_the_learning_rate_then_merge_two_trials(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     merge_two_trials(kube, ns, data_root, by_name, tuner, cli)
+    table = e2e_cluster.kubectl("get", "mm", "blend", "-n", ns)
+    assert "Succeeded" in table and "ties" in table and "blend" in table
+    models_table = e2e_cluster.kubectl("get", "rm", "blend", "-n", ns)
+    assert "ties" in models_table  # the Merge column
 
 
 def merge_two_trials(kube: Kube, ns: str, data_root: Path, models: dict, tuner, cli) -> None:

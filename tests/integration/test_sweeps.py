@@ -1,14 +1,18 @@
-"""A FineTuningSweep on the real control plane with simulated GPU nodes: the median
-stopping rule cancels a trial that is behind the others, which then counts as stopped
-(not failed), and the next trial takes its place."""
+"""A FineTuningSweep on the real control plane with simulated GPU nodes: six random trials
+never more than two at once, none extra after the operator is SIGKILLed mid-sweep; and
+the median stopping rule cancels a trial that is behind the others, which then counts as
+stopped (not failed), and the next trial takes its place."""
 
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
+from kubernetes import watch
 
 from kubetune.api import GROUP, VERSION
+from kubetune.dev.processes import OperatorProcess
 from tests.support import finetuning as ft
 from tests.support.kube import Kube, wait_for
 
@@ -95,3 +99,79 @@ def test_the_median_rule_stops_the_trial_behind_and_the_next_one_starts(
     assert record["history"] == [[4, 3.0]]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "False" and failed["message"] == "0 failed trials so far"
+
+
+def unfinished_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: list[int]) -> None:
+    """How many trials were unfinished at one time, after every event of a watch kept for
+    the whole sweep (short watches, so that the thread ends with the test)."""
+    phases: dict[str, str] = {}
+    resource_version = None
+    while not stop.is_set():
+        kwargs = {"resource_version": resource_version} if resource_version else {}
+        for event in watch.Watch().stream(ft.lister(kube, namespace), timeout_seconds=2, **kwargs):
+            obj = event["object"]
+            resource_version = obj["metadata"]["resourceVersion"]
+            phase = (obj.get("status") or {}).get("phase", "Pending")
+            phases[obj["metadata"]["name"]] = "Gone" if event["type"] == "DELETED" else phase
+            seen.append(sum(p not in FINISHED for p in phases.values()))
+
+
+FINISHED = ("Succeeded", "Failed", "Cancelled", "Gone")
+
+
+def test_six_random_trials_two_at_a_time_and_a_killed_operator_adds_none(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    ft.create_volumes(kube, namespace)
+    template = ft.manifest(
+        "template",
+        duration="2s",
+        dataset={**copy.deepcopy(ft.BASE_SPEC["dataset"]), "validateFirst": False},
+    )["spec"]
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuningSweep",
+        "metadata": {"name": "six"},
+        "spec": {
+            "template": template,
+            "parameters": [
+                {
+                    "path": "hyperparameters.learningRate",
+                    "type": "logUniform",
+                    "min": 1e-5,
+                    "max": 1e-2,
+                },
+                {"path": "lora.rank", "type": "categorical", "values": ["4", "8", "16"]},
+            ],
+            "algorithm": "random",
+            "objective": {"metric": "eval_loss", "direction": "minimize"},
+            "maxTrials": 6,
+            "parallelism": 2,
+        },
+    }
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(
+        target=unfinished_at_once, args=(kube, namespace, stop, seen), daemon=True
+    )
+    watcher.start()
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "finetuningsweeps", body)
+    ft.wait_phase(kube, namespace, "six-t2", "Running", timeout=ft.TIMEOUT)
+    operator.kill()  # mid-sweep: no clean-up, nothing kept in memory survives
+    operator.start()
+    done = wait_for(
+        sweeps(kube, namespace),
+        lambda obj: (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"),
+        field_selector="metadata.name=six",
+        timeout=120,
+        describe="sweep finished",
+    )["status"]
+    stop.set()
+    watcher.join(timeout=10)
+    assert done["phase"] == "Succeeded", done
+    assert done["trialsDone"] == "6/6"
+    trials = ft.lister(kube, namespace)(label_selector="kubetune.dev/sweep=six")["items"]
+    assert sorted(t["metadata"]["name"] for t in trials) == [f"six-t{n}" for n in range(6)]
+    assert max(seen) <= 2, "more than `parallelism` trials unfinished at once"
+    assert max(seen) == 2  # and it did run two at a time
+    tried = {t["metadata"]["annotations"]["kubetune.dev/trial-parameters"] for t in trials}
+    assert len(tried) == 6  # six different suggestions, each recorded on its trial
