@@ -173,9 +173,10 @@ def _env(spec: FineTuningJobSpec, mode: TrainerMode = TrainerMode.TRAIN) -> list
     return env
 
 
-def _volumes(
-    spec: FineTuningJobSpec, settings: OperatorSettings, *, writable_output: bool
-) -> tuple[list[Obj], list[Obj]]:
+def pod_volumes(*, shared_memory: bool = True) -> tuple[list[Obj], list[Obj]]:
+    """The volumes every trainer-image pod has: its configuration (the pod's own
+    annotation, projected as a file by the downward API), a cache, /tmp (the root file
+    system is read-only), and, for training's data loaders, shared memory."""
     config_field = f"metadata.annotations['{naming.ANNOTATION_TRAINER_CONFIG}']"
     volumes: list[Obj] = [
         {
@@ -186,14 +187,37 @@ def _volumes(
         },
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts: list[Obj] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    if shared_memory:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def claim_volumes(claims: dict[str, bool]) -> tuple[list[Obj], list[Obj]]:
+    """One volume per PersistentVolumeClaim (name to writable), mounted under VOLUMES_DIR."""
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    for index, (claim, writable) in enumerate(sorted(claims.items())):
+        name = f"data-{index}"
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}}
+        )
+        mounts.append(
+            {"name": name, "mountPath": f"{VOLUMES_DIR}/{claim}", "readOnly": not writable}
+        )
+    return volumes, mounts
+
+
+def _volumes(
+    spec: FineTuningJobSpec, settings: OperatorSettings, *, writable_output: bool
+) -> tuple[list[Obj], list[Obj]]:
+    volumes, mounts = pod_volumes()
     if report_endpoint(settings) is not None:
         # The pod's only credential: a token for the operator's audience, which proves
         # to the report endpoint which pod is speaking and is worth nothing elsewhere.
@@ -206,13 +230,10 @@ def _volumes(
             {"name": "report-token", "projected": {"sources": [{"serviceAccountToken": token}]}}
         )
         mounts.append({"name": "report-token", "mountPath": REPORT_TOKEN_DIR, "readOnly": True})
-    for index, (claim, writable) in enumerate(sorted(_claims(spec).items())):
-        name = f"data-{index}"
-        read_only = not (writable and writable_output)
-        volumes.append(
-            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
-        )
-        mounts.append({"name": name, "mountPath": f"{VOLUMES_DIR}/{claim}", "readOnly": read_only})
+    claims = {c: w and writable_output for c, w in _claims(spec).items()}
+    claim_vols, claim_mounts = claim_volumes(claims)
+    volumes += claim_vols
+    mounts += claim_mounts
     return volumes, mounts
 
 

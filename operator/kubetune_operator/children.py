@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
@@ -76,6 +77,21 @@ def delete_job(clients: Clients, name: str, namespace: str, propagation: str) ->
             raise
     if propagation != "Foreground":  # in the foreground it stays until its pods are gone
         clients.cache.forget("Job", namespace, name)
+
+
+def read_cached(clients: Clients, kind: str, namespace: str, name: str, spec_model, status_model):
+    """(body, spec, status) of an object from the watch cache; None when it is gone or
+    cannot be read (logged: a spec the schema let through but the models refuse)."""
+    body = clients.cache.get(kind, namespace, name)
+    if body is None:
+        return None
+    try:
+        spec = spec_model.model_validate(body["spec"])
+        status = status_model.model_validate(body.get("status") or {})
+    except ValidationError as err:
+        log.warning("%s %s/%s cannot be read (%s); not reconciled", kind, namespace, name, err)
+        return None
+    return body, spec, status
 
 
 class Stale(Exception):

@@ -25,9 +25,10 @@ from kubetune_operator.builders import (
     CONFIG_DIR,
     CONFIG_FILE,
     CONTAINER,
-    VOLUMES_DIR,
     Obj,
+    claim_volumes,
     mounted_path,
+    pod_volumes,
     security_contexts,
 )
 from kubetune_operator.registration import MAX_NAME, serving_hints
@@ -201,30 +202,10 @@ def desired_merge_job(
     meta = body["metadata"]
     owner = meta["name"]
     config = merge_config(body, spec, parents).model_dump_json(by_alias=True, exclude_none=True)
-    config_field = f"metadata.annotations['{naming.ANNOTATION_TRAINER_CONFIG}']"
-    volumes: list[Obj] = [
-        {
-            "name": "config",
-            "downwardAPI": {
-                "items": [{"path": CONFIG_FILE, "fieldRef": {"fieldPath": config_field}}]
-            },
-        },
-        {"name": "cache", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    mounts: list[Obj] = [
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "cache", "mountPath": CACHE_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    for index, (claim, writable) in enumerate(sorted(_claims(spec, parents).items())):
-        name = f"data-{index}"
-        volumes.append(
-            {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}}
-        )
-        mounts.append(
-            {"name": name, "mountPath": f"{VOLUMES_DIR}/{claim}", "readOnly": not writable}
-        )
+    volumes, mounts = pod_volumes(shared_memory=False)
+    claim_vols, claim_mounts = claim_volumes(_claims(spec, parents))
+    volumes += claim_vols
+    mounts += claim_mounts
     env = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},

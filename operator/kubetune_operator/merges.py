@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from pydantic import ValidationError
-
 from kubetune.api import merge as mm
 from kubetune.api import registeredmodel as rm
 from kubetune.api.merge import MergePhase, ModelMergeSpec, ModelMergeStatus
@@ -24,6 +22,7 @@ from kubetune_operator.children import (
     CreateBlocked,
     create_child,
     post_event,
+    read_cached,
     utcnow,
     write_status,
 )
@@ -50,16 +49,10 @@ BLOCKED_SECONDS = 30.0  # a name held by another object, a create refused: someo
 def reconcile_merge(
     clients: Clients, settings: OperatorSettings, namespace: str, name: str
 ) -> float | None:
-    cache = clients.cache
-    body = cache.get(mm.KIND, namespace, name)
-    if body is None:
+    read = read_cached(clients, mm.KIND, namespace, name, ModelMergeSpec, ModelMergeStatus)
+    if read is None:
         return None
-    try:
-        spec = ModelMergeSpec.model_validate(body["spec"])
-        previous = ModelMergeStatus.model_validate(body.get("status") or {})
-    except ValidationError as err:
-        log.warning("merge %s/%s cannot be read (%s); not reconciled", namespace, name, err)
-        return None
+    body, spec, previous = read
     meta = body["metadata"]
     status = previous.model_copy(deep=True)
     status.observed_generation = meta.get("generation", 1)

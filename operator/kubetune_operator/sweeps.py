@@ -13,7 +13,6 @@ import logging
 from dataclasses import replace
 
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api import finetuningjob as ftj
@@ -27,6 +26,7 @@ from kubetune_operator.children import (
     CreateBlocked,
     create_child,
     post_event,
+    read_cached,
     utcnow,
     write_status,
 )
@@ -50,15 +50,12 @@ def reconcile_sweep(
     clients: Clients, settings: OperatorSettings, namespace: str, name: str
 ) -> float | None:
     cache = clients.cache
-    body = cache.get(sw.KIND, namespace, name)
-    if body is None:
+    read = read_cached(
+        clients, sw.KIND, namespace, name, FineTuningSweepSpec, FineTuningSweepStatus
+    )
+    if read is None:
         return None
-    try:
-        spec = FineTuningSweepSpec.model_validate(body["spec"])
-        previous = FineTuningSweepStatus.model_validate(body.get("status") or {})
-    except ValidationError as err:
-        log.warning("sweep %s/%s cannot be read (%s); not reconciled", namespace, name, err)
-        return None
+    body, spec, previous = read
     uid = body["metadata"]["uid"]
     children = cache.children(ftj.KIND, namespace, uid)
     trials = observed_trials(body, spec, children, previous)

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 from click.testing import CliRunner
-from kubernetes import watch
 
 from kubetune.api import GROUP, VERSION
 from kubetune.cli import main as cli_main
@@ -22,18 +21,6 @@ from tests.support import finetuning as ft
 from tests.support.kube import Kube
 
 TIMEOUT = 420
-
-
-def running_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: list[int]) -> None:
-    """The trials seen unfinished at one time, after every event, from watches kept for
-    the whole run (each a few seconds long, so that the thread ends with the test)."""
-    phases: dict[str, str] = {}
-    while not stop.is_set():
-        stream = watch.Watch()
-        for event in stream.stream(ft.lister(kube, namespace), timeout_seconds=5):
-            obj = event["object"]
-            phases[obj["metadata"]["name"]] = (obj.get("status") or {}).get("phase", "Pending")
-            seen.append(sum(p not in ("Succeeded", "Failed", "Cancelled") for p in phases.values()))
 
 
 def test_grid_search_over_the_learning_rate_then_merge_two_trials(
@@ -61,7 +48,9 @@ def test_grid_search_over_the_learning_rate_then_merge_two_trials(
         },
     }
     stop, seen = threading.Event(), []
-    watcher = threading.Thread(target=running_at_once, args=(kube, ns, stop, seen), daemon=True)
+    watcher = threading.Thread(
+        target=ft.unfinished_at_once, args=(kube, ns, stop, seen), daemon=True
+    )
     watcher.start()
     tuner = ModelFineTuner(backend="cluster", kubeconfig=kube.kubeconfig, namespace=ns)
     assert asyncio.run(tuner.create_sweep(body)) == "lr"

@@ -9,7 +9,6 @@ import copy
 import threading
 
 import pytest
-from kubernetes import watch
 
 from kubetune.api import GROUP, VERSION
 from kubetune.dev.processes import OperatorProcess
@@ -101,24 +100,6 @@ def test_the_median_rule_stops_the_trial_behind_and_the_next_one_starts(
     assert failed["status"] == "False" and failed["message"] == "0 failed trials so far"
 
 
-def unfinished_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: list[int]) -> None:
-    """How many trials were unfinished at one time, after every event of a watch kept for
-    the whole sweep (short watches, so that the thread ends with the test)."""
-    phases: dict[str, str] = {}
-    resource_version = None
-    while not stop.is_set():
-        kwargs = {"resource_version": resource_version} if resource_version else {}
-        for event in watch.Watch().stream(ft.lister(kube, namespace), timeout_seconds=2, **kwargs):
-            obj = event["object"]
-            resource_version = obj["metadata"]["resourceVersion"]
-            phase = (obj.get("status") or {}).get("phase", "Pending")
-            phases[obj["metadata"]["name"]] = "Gone" if event["type"] == "DELETED" else phase
-            seen.append(sum(p not in FINISHED for p in phases.values()))
-
-
-FINISHED = ("Succeeded", "Failed", "Cancelled", "Gone")
-
-
 def test_six_random_trials_two_at_a_time_and_a_killed_operator_adds_none(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
@@ -151,7 +132,7 @@ def test_six_random_trials_two_at_a_time_and_a_killed_operator_adds_none(
     }
     stop, seen = threading.Event(), []
     watcher = threading.Thread(
-        target=unfinished_at_once, args=(kube, namespace, stop, seen), daemon=True
+        target=ft.unfinished_at_once, args=(kube, namespace, stop, seen), daemon=True
     )
     watcher.start()
     kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "finetuningsweeps", body)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from kubernetes import watch
 
 from kubetune.api import GROUP, VERSION
 from kubetune.api.trainer import (
@@ -210,3 +213,21 @@ def wait_phase(
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+
+
+def unfinished_at_once(kube: Kube, namespace: str, stop: threading.Event, seen: list[int]) -> None:
+    """How many trials were unfinished at one time, after every event of a watch kept for
+    the whole sweep (short watches, so that the thread ends with the test)."""
+    phases: dict[str, str] = {}
+    resource_version = None
+    while not stop.is_set():
+        kwargs = {"resource_version": resource_version} if resource_version else {}
+        for event in watch.Watch().stream(lister(kube, namespace), timeout_seconds=2, **kwargs):
+            obj = event["object"]
+            resource_version = obj["metadata"]["resourceVersion"]
+            phase = (obj.get("status") or {}).get("phase", "Pending")
+            phases[obj["metadata"]["name"]] = "Gone" if event["type"] == "DELETED" else phase
+            seen.append(sum(p not in FINISHED for p in phases.values()))
+
+
+FINISHED = ("Succeeded", "Failed", "Cancelled", "Gone")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kubetune.api.trainer import TrainerConfig
 from kubetune_trainer.errors import InputNotFound, InvalidConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -21,21 +24,22 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path) -> TrainerConfig:
-    """Parse a TrainerConfig from a JSON or YAML file."""
+def load_config(
+    path: str | Path, model: type[M] = TrainerConfig, what: str = "trainer config"
+) -> M:
+    """Parse a configuration (a TrainerConfig unless told otherwise) from a JSON or YAML
+    file."""
     path = Path(path)
     if not path.is_file():
-        raise InputNotFound(f"trainer config {path} does not exist")
+        raise InputNotFound(f"{what} {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
         document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
-        raise InvalidConfig(f"trainer config {path} cannot be read: {err}") from err
+        raise InvalidConfig(f"{what} {path} cannot be read: {err}") from err
     if not isinstance(document, dict):
-        raise InvalidConfig(f"trainer config {path} must be a mapping")
+        raise InvalidConfig(f"{what} {path} must be a mapping")
     try:
-        return TrainerConfig.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as err:
-        raise InvalidConfig(
-            f"trainer config {path} is invalid:\n{format_validation_error(err)}"
-        ) from err
+        raise InvalidConfig(f"{what} {path} is invalid:\n{format_validation_error(err)}") from err

@@ -11,7 +11,6 @@ it actually reads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,13 +19,12 @@ from pathlib import Path
 import torch
 import yaml
 from peft.utils import merge_utils
-from pydantic import ValidationError
 
 from kubetune.api import merge as mm
 from kubetune.api.merge import MergeConfig, MergeFormat, MergeMethod, MergeParent
 from kubetune.api.trainer import TrainerTermination
+from kubetune_trainer import config as config_file
 from kubetune_trainer import modeling
-from kubetune_trainer.config import format_validation_error
 from kubetune_trainer.errors import InputNotFound, InvalidConfig
 from kubetune_trainer.export import save_model, weights_digest
 from kubetune_trainer.reporting import now
@@ -55,18 +53,7 @@ TASK_VECTOR_MERGES = {
 
 def load_config(path: str | Path) -> MergeConfig:
     """A MergeConfig from a JSON or YAML file (the operator writes JSON)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFound(f"merge config {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return MergeConfig.model_validate(document)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
-        raise InvalidConfig(f"merge config {path} cannot be read: {err}") from err
-    except ValidationError as err:
-        message = f"merge config {path} is invalid:\n{format_validation_error(err)}"
-        raise InvalidConfig(message) from err
+    return config_file.load_config(path, MergeConfig, "merge config")
 
 
 def run(config: MergeConfig) -> TrainerTermination:
