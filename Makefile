@@ -19,8 +19,9 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build the control-plane binaries (first time only)
+tools: ## Build the control-plane binaries and Kueue (first time only)
 	@bash hack/build-tools.sh >/dev/null
+	@bash hack/build-kueue.sh >/dev/null
 
 .PHONY: env
 env: ## Create the Python environment (first time only)
@@ -51,6 +52,10 @@ bench: tools env ## Run the benchmarks (operator scale, trainer throughput, dist
 	@$(PY) bench/operator_scale.py
 	@$(PY) bench/trainer_throughput.py
 	@$(PY) bench/distributed.py
+
+.PHONY: bench-peers
+bench-peers: tools env ## Side by side with the Kubeflow training-operator (by hand; builds it once)
+	@$(PY) bench/peers.py
 
 .PHONY: bench-chaos
 bench-chaos: tools env ## The operator under faults: SIGKILLs, API server and etcd restarts, takeovers

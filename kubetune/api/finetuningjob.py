@@ -862,6 +862,11 @@ class FineTuningJobStatus(ApiModel):
         default=0, description="Trainer failures so far (not counting preemptions)."
     )
     preemptions: int = Field(default=0, description="Times the trainer was preempted or evicted.")
+    queue_preemptions: int = Field(
+        default=0,
+        description="Of those, the times the queue (Kueue) preempted the job's workload, as "
+        "its eviction statistics count them.",
+    )
     counted_disruptions: list[str] = Field(
         default_factory=list,
         description="UIDs of the disrupted pods already counted in preemptions (of those that "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-tools.sh"
+KUEUE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-kueue.sh"
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
 
 
@@ -51,17 +52,26 @@ class Tools:
         return self["helm"]
 
 
-def ensure_tools() -> Tools:
-    """Build whatever binary is missing (only the first time) and return their paths."""
-    if not BUILD_SCRIPT.is_file():
+def _run_build_script(script: Path) -> Path:
+    """Run a hack/build-*.sh script and return the folder it prints on its last line."""
+    if not script.is_file():
         raise ToolsError(
             "the local cluster is developer tooling: it needs a kubetune source checkout "
-            f"(looked for {BUILD_SCRIPT})"
+            f"(looked for {script})"
         )
-    result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False
-    )
+    result = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True, check=False)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
-        raise ToolsError(f"hack/build-tools.sh failed with exit code {result.returncode}")
-    return Tools(Path(lines[-1]))
+        raise ToolsError(f"hack/{script.name} failed with exit code {result.returncode}")
+    return Path(lines[-1])
+
+
+def ensure_kueue() -> Path:
+    """Kueue's folder (built on first use by hack/build-kueue.sh): the `kueue` binary,
+    its CRDs under crds/ and its webhook manifests (webhook-manifests.yaml)."""
+    return _run_build_script(KUEUE_BUILD_SCRIPT)
+
+
+def ensure_tools() -> Tools:
+    """Build whatever binary is missing (only the first time) and return their paths."""
+    return Tools(_run_build_script(BUILD_SCRIPT))

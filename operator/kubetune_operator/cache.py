@@ -40,6 +40,15 @@ OnChange = Callable[[str, Obj, bool], None]  # (kind, object, deleted)
 
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
+ABSENT_RETRY_SECONDS = 30.0
+
+
+class Absent(Exception):
+    """An optional kind is not served (404) or not readable (403)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _newer(candidate: Obj, current: Obj | None) -> bool:
@@ -86,6 +95,8 @@ def slim(obj: Obj) -> Obj:
     kind, spec = obj.get("kind"), obj.get("spec")
     if kind == "Pod" and spec:
         obj["spec"] = _containers(spec)
+    elif kind == "Workload" and spec:  # the pod sets are pod templates: not read back
+        obj["spec"] = {k: spec[k] for k in ("active", "queueName") if k in spec}
     elif kind == "Job" and spec:
         template = (spec.get("template") or {}).get("spec") or {}
         obj["spec"] = {k: spec[k] for k in _JOB_SPEC_KEPT if k in spec} | {
@@ -183,6 +194,11 @@ class Resource:
     version: str
     plural: str
     label_selector: str | None = None
+    # The label children are indexed by (their owner's UID).
+    index_label: str = naming.LABEL_JOB_UID
+    # Another project's kind (Kueue's Workloads): a cluster without its CRD, or an
+    # operator without rights to it, simply has none.
+    optional: bool = False
 
     def path(self, namespace: str | None) -> str:
         base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
@@ -205,12 +221,13 @@ class Informer:
         self.resource = resource
         self.namespaces: list[str | None] = list(namespaces) or [None]
         self.on_change = on_change
-        self.store = Store()
+        self.store = Store(index_label=resource.index_label)
         self.synced = threading.Event()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._synced_scopes: set[str | None] = set()
         self._open: set[object] = set()
+        self._absent_logged = False
 
     def start(self) -> None:
         for namespace in self.namespaces:
@@ -246,6 +263,9 @@ class Informer:
         # resourceVersion=0: served from the API server's watch cache, not from etcd.
         response = self._get(namespace, {"resourceVersion": "0"}, 60)
         response.read()
+        if self.resource.optional and response.status in (403, 404):
+            self._mark_synced(namespace)  # none to see: nothing waits for it
+            raise Absent(response.status)
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=response.reason)
         listing = json.loads(response.data)
@@ -264,11 +284,14 @@ class Informer:
             self.on_change(self.resource.kind, obj, True)
         for obj in items:
             self.on_change(self.resource.kind, obj, False)
+        self._mark_synced(namespace)
+        return listing.get("metadata", {}).get("resourceVersion", "")
+
+    def _mark_synced(self, namespace: str | None) -> None:
         with self._lock:
             self._synced_scopes.add(namespace)
             if len(self._synced_scopes) == len(self.namespaces):
                 self.synced.set()
-        return listing.get("metadata", {}).get("resourceVersion", "")
 
     def _watch(self, namespace: str | None, resource_version: str) -> str | None:
         """Follow changes until the server ends the watch; returns the resourceVersion to
@@ -320,6 +343,17 @@ class Informer:
                 if resource_version is None:
                     resource_version = self._list(namespace)
                 resource_version = self._watch(namespace, resource_version)
+            except Absent as absent:
+                if not self._absent_logged:
+                    log.info(
+                        "%s are not served or not readable here (%s): looking again every %.0fs",
+                        self.resource.plural,
+                        absent.status,
+                        ABSENT_RETRY_SECONDS,
+                    )
+                    self._absent_logged = True
+                resource_version = None
+                self._stopped.wait(ABSENT_RETRY_SECONDS)
             except (ApiException, HTTPError, OSError, ValueError) as err:
                 if self._stopped.is_set():
                     return
@@ -340,6 +374,16 @@ WATCHED = (
     Resource("Pod", "", "v1", "pods", MANAGED_SELECTOR),
     # Any RegisteredModel may hold the name a job registers under: no selector.
     Resource(rm.KIND, GROUP, VERSION, rm.PLURAL),
+    # Kueue's Workloads of Jobs (what the queue says of a training Job), by the Job's UID.
+    Resource(
+        "Workload",
+        naming.KUEUE_GROUP,
+        naming.KUEUE_VERSION,
+        "workloads",
+        naming.KUEUE_JOB_UID_LABEL,
+        index_label=naming.KUEUE_JOB_UID_LABEL,
+        optional=True,
+    ),
 )
 WATCHED_KINDS = len(WATCHED)
 

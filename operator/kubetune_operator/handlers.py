@@ -55,6 +55,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
     def child_changed(kind: str, obj: dict, deleted: bool) -> None:  # informer threads
         namespace = obj["metadata"]["namespace"]
+        if kind == "Workload":  # Kueue's, of a Job: its FineTuningJob is the Job's owner
+            obj = _job_of_workload(memo.cache, obj) or {}
+            kind = "Job"
         if (merge := _merge_of(kind, obj)) is not None:
             loop.call_soon_threadsafe(memo.merge_queue.add, (namespace, merge))
         elif (owner := _owner_of(kind, obj)) is not None:
@@ -270,6 +273,15 @@ def _sweep_of(trial: dict) -> str | None:
     for ref in trial["metadata"].get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == sw.KIND:
             return ref.get("name")
+    return None
+
+
+def _job_of_workload(cache: Cache, workload: dict) -> dict | None:
+    """The cached Job a Kueue Workload stands for (its controller), if it is one of ours."""
+    meta = workload.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller"):
+            return cache.get("Job", meta.get("namespace", ""), ref.get("name", ""))
     return None
 
 

@@ -15,6 +15,10 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_UID = "kubetune.dev/job-uid"
 LABEL_JOB_NAME = "kubetune.dev/job-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# On Kueue's Workloads: the UID of the Job they stand for.
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+KUEUE_GROUP = "kueue.x-k8s.io"
+KUEUE_VERSION = "v1beta2"
 # On a FineTuningSweep's trials (FineTuningJobs) and their RegisteredModels.
 LABEL_SWEEP_NAME = "kubetune.dev/sweep"
 LABEL_SWEEP_UID = "kubetune.dev/sweep-uid"

@@ -38,8 +38,41 @@ class Observed:
     train_pods: list[Obj] = field(default_factory=list)
     report: dict[str, str] = field(default_factory=dict)
     registered_model: Obj | None = None
+    # Kueue's Workload for the training Job, when a queue manages it.
+    workload: Obj | None = None
     # A child that could not be created: (condition reason, message).
     blocked: tuple[str, str] | None = None
+
+
+def workload_condition(workload: Obj | None, type_: str) -> Obj | None:
+    for condition in ((workload or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def queue_message(workload: Obj | None) -> str:
+    """What Kueue says of a Workload it has not admitted (or has evicted): its own words,
+    e.g. "couldn't assign flavors to pod set main: insufficient unused quota ..."."""
+    for type_, status in (("Evicted", "True"), ("QuotaReserved", "False")):
+        condition = workload_condition(workload, type_)
+        if condition is not None and condition.get("status") == status:
+            return condition.get("message") or condition.get("reason") or ""
+    return ""
+
+
+def queue_preemptions(workload: Obj | None) -> int:
+    """How many times Kueue preempted this Workload (its own eviction statistics)."""
+    stats = ((workload or {}).get("status") or {}).get("schedulingStats") or {}
+    return sum(
+        int(e.get("count") or 0)
+        for e in stats.get("evictions") or []
+        if e.get("reason") == "Preempted"
+    )
+
+
+def workload_active(workload: Obj | None) -> bool:
+    return bool(((workload or {}).get("spec") or {}).get("active", True))
 
 
 def controlled_by(obj: Obj, uid: str) -> bool:

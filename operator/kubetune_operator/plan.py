@@ -20,6 +20,8 @@ class Plan:
 
     create: list[Obj] = field(default_factory=list)
     set_train_suspend: bool | None = None
+    # Under a queue, pausing is deactivating the Job's Workload (Kueue owns spec.suspend).
+    set_workload_active: bool | None = None
     delete_train_job: bool = False
     wait_for_pods: bool = False  # delete the Job in the foreground: pods first
     delete_validate_job: bool = False
@@ -29,6 +31,7 @@ class Plan:
         return not (
             self.create
             or self.set_train_suspend is not None
+            or self.set_workload_active is not None
             or self.delete_train_job
             or self.delete_validate_job
             or self.register
@@ -80,6 +83,8 @@ def plan(
     queued = naming.KUEUE_QUEUE_LABEL in (body["metadata"].get("labels") or {})
     if train is None and conds.reason(c.REGISTERED) == c.NAME_TAKEN:
         return result  # no GPUs for a model that could not be registered
+    if train is None and spec.suspend and queued:
+        return result  # created when resumed: Kueue would admit (unsuspend) it at once
     if train is None:
         if builders.multi_pod(spec):
             result.create.append(builders.desired_rendezvous_service(body))
@@ -111,6 +116,13 @@ def plan(
         result.delete_train_job = True
         return result
 
+    if queued and observed.workload is not None:
+        # Kueue suspends and resumes a Job it manages: kubetune pauses one by deactivating
+        # its Workload (which frees the quota) and resumes it by activating it again.
+        active = obs.workload_active(observed.workload)
+        if spec.suspend == active:
+            result.set_workload_active = not spec.suspend
+        return result
     suspended = bool((train.get("spec") or {}).get("suspend"))
     if spec.suspend and not suspended:
         result.set_train_suspend = True

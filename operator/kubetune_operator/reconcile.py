@@ -81,6 +81,11 @@ def observe(
     def component(pod: Obj) -> str:
         return (pod["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT, "")
 
+    workload = None
+    if train_job is not None and train_job["metadata"].get("uid"):
+        workloads = cache.children("Workload", namespace, train_job["metadata"]["uid"])
+        workload = workloads[0] if workloads else None
+
     return Observed(
         now=now,
         validate_job=validate_job,
@@ -89,6 +94,7 @@ def observe(
         train_pods=[p for p in pods if component(p) == naming.COMPONENT_TRAINER],
         report=clients.reports.get(namespace, name, uid),
         registered_model=registered,
+        workload=workload,
     )
 
 
@@ -116,6 +122,18 @@ def apply_plan(clients: Clients, body: Obj, changes: Plan, observed: Observed) -
             )
         )
         clients.cache.put(updates["train_job"])
+    if changes.set_workload_active is not None and observed.workload is not None:
+        workload = observed.workload["metadata"]
+        updates["workload"] = clients.custom.patch_namespaced_custom_object(
+            naming.KUEUE_GROUP,
+            naming.KUEUE_VERSION,
+            namespace,
+            "workloads",
+            workload["name"],
+            {"spec": {"active": changes.set_workload_active}},
+            field_manager=naming.FIELD_MANAGER,
+        )
+        clients.cache.put(updates["workload"])
     if changes.delete_train_job:
         propagation = "Foreground" if changes.wait_for_pods else "Background"
         delete_job(clients, naming.train_job_name(name), namespace, propagation)

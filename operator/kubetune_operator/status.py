@@ -302,9 +302,14 @@ def _training(
         failed_pods = [
             p
             for p in pods
-            if (p.get("status") or {}).get("phase") == "Failed" and not obs.was_disrupted(p)
+            if (p.get("status") or {}).get("phase") == "Failed"
+            and not obs.was_disrupted(p)
+            # Deleted, then failed: stopped by the Job controller (the queue suspended the
+            # Job) or by a person, not a failure of the trainer.
+            and not p["metadata"].get("deletionTimestamp")
         ]
         status.retries = max(status.retries, len(failed_pods))
+    _count_queue_preemptions(status, observed.workload)
 
     if job is None:
         if not conds.is_true(c.DATASET_VALIDATED):
@@ -367,8 +372,12 @@ def _training(
                 "spec.suspend is true; training resumes from the latest checkpoint when it is set back to false",
             )
         else:
+            said = obs.queue_message(observed.workload)
             conds.set(
-                c.SUSPENDED, True, c.WAITING_FOR_QUEUE, "waiting for the queue to admit the job"
+                c.SUSPENDED,
+                True,
+                c.WAITING_FOR_QUEUE,
+                "waiting for the queue to admit the job" + (f": {said}" if said else ""),
             )
         conds.set(c.RUNNING, False, c.STOPPED, "suspended")
         return None
@@ -401,6 +410,15 @@ def _training(
     else:
         conds.set(c.RUNNING, False, c.POD_PENDING, "waiting for the trainer pod to start")
     return None
+
+
+def _count_queue_preemptions(status: FineTuningJobStatus, workload: Obj | None) -> None:
+    """Kueue's preemptions of the job's Workload, each counted once as a preemption: it
+    suspends the Job, whose pods are then deleted without a DisruptionTarget condition."""
+    seen = obs.queue_preemptions(workload)
+    if seen > status.queue_preemptions:
+        status.preemptions += seen - status.queue_preemptions
+        status.queue_preemptions = seen
 
 
 def _count_disruptions(status: FineTuningJobStatus, pods: list[Obj]) -> None:

@@ -97,6 +97,11 @@ the kopf watches in kubetune_operator.handlers); nothing more.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Kueue's Workloads of training Jobs: watched for what the queue says, and
+# (de)activated to pause or resume a queued job (Kueue owns its Job's suspend).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
 # Training pods are watched for progress and failures, never created directly.
 - apiGroups: [""]
   resources: ["pods"]
