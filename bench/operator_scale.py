@@ -23,61 +23,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kubernetes import client, watch
+from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "operator")]
 
+from _cluster_bench import (  # noqa: E402
+    CREATE_THREADS,
+    api_requests,
+    fleet,
+    peak_memory_mib,
+    percentile,
+    watch_until,
+)
+
 from kubetune.dev.cluster import LocalCluster  # noqa: E402
-from kubetune.dev.nodes import NodeSpec  # noqa: E402
 from kubetune.dev.processes import OperatorProcess  # noqa: E402
 from tests.support import finetuning as ft  # noqa: E402
 from tests.support.kube import Kube  # noqa: E402
-
-CREATE_THREADS = 16
-
-
-def fleet(nodes: int) -> list[NodeSpec]:
-    return [
-        NodeSpec(
-            name=f"bench-gpu-{i}",
-            pool="bench",
-            cpu="256",
-            memory="2Ti",
-            gpus=8,
-            gpu_product="NVIDIA-H100-80GB-HBM3",
-            gpu_memory_mib=81559,
-        )
-        for i in range(nodes)
-    ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def watch_until(list_fn, count: int, done, timeout: float, on_event=None, **list_kwargs) -> float:
-    """Watch until `done(seen)` holds for `count` objects; return the time it happened."""
-    seen: dict[str, object] = {}
-    deadline = time.monotonic() + timeout
-    # A busy API server may end a watch early: watch again (a new watch starts with
-    # the objects that exist, so nothing is missed) until done or out of time.
-    while len(seen) < count and time.monotonic() < deadline:
-        stream = watch.Watch()
-        left = max(1, int(deadline - time.monotonic()))
-        for event in stream.stream(list_fn, timeout_seconds=left, **list_kwargs):
-            obj = event["object"]
-            name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
-            if on_event:
-                on_event(name, obj)
-            if done(obj):
-                seen[name] = obj
-            if len(seen) >= count or time.monotonic() > deadline:
-                stream.stop()
-    if len(seen) < count:
-        raise TimeoutError(f"only {len(seen)} of {count} done after {timeout}s")
-    return time.monotonic()
 
 
 def raw_job(name: str) -> dict:
@@ -124,22 +87,6 @@ def measure_ftj_ceiling(kube: Kube, namespace: str, n: int) -> float:
         ft.GROUP, ft.VERSION, namespace, ft.PLURAL
     )
     return elapsed
-
-
-def api_requests(operator: OperatorProcess) -> float:
-    total = 0.0
-    for line in operator.metrics().splitlines():
-        if line.startswith("kubetune_operator_api_requests_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def peak_memory_mib(pid: int) -> tuple[float, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
 
 
 def run(
