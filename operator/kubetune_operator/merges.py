@@ -59,7 +59,6 @@ def reconcile_merge(
     conds = Conditions(previous.conditions, status.observed_generation, utcnow())
     again = _advance(clients, settings, body, spec, status, conds)
     status.phase = _phase(conds)
-    status.conditions = conds.as_list()
     done = status.phase in (MergePhase.SUCCEEDED, MergePhase.FAILED)
     if done and status.completion_time is None:
         status.completion_time = utcnow()
